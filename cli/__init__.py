@@ -1,0 +1,1 @@
+"""The `nats-cron` command line (installed as the `nats_cron_cli` package)."""

@@ -1,0 +1,441 @@
+"""The job document (SPEC §2): parsing, validation and the triggers it builds. Pure, no I/O.
+
+`parse_job(document)` returns a `JobSpec` or raises `SpecError(field, rule)`; no input,
+however malformed, raises anything else. pydantic checks the document's shape and
+types; the rules of subjects, durations, cron, zones and payloads live here.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta, tzinfo
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.date import DateTrigger
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr, ValidationError
+from ulid import ULID
+
+from nats_apscheduler.cron import StandardCronTrigger, parse_cron
+from nats_apscheduler.errors import SpecError
+
+SERVICE_PREFIX = "nats-cron"
+DEFAULT_MIN_INTERVAL = timedelta(seconds=1)
+MAX_SUBJECT_LENGTH = 256
+_TOKEN = re.compile(r"[-/_=a-zA-Z0-9]+")
+_DURATION_PART = re.compile(r"([0-9]*(?:\.[0-9]*)?)([a-zµμ]+)")
+_UNITS_NS = {
+    "ns": 1,
+    "us": 1_000,
+    "µs": 1_000,  # U+00B5 micro sign
+    "μs": 1_000,  # U+03BC Greek mu
+    "ms": 1_000_000,
+    "s": 1_000_000_000,
+    "m": 60_000_000_000,
+    "h": 3_600_000_000_000,
+}
+_TZ_PREFIX = re.compile(r"^(CRON_TZ|TZ)=(\S*)(\s*)(.*)$", re.DOTALL)
+PayloadType = Literal["json", "text", "base64"]
+
+
+# --- small parsers --------------------------------------------------------------------
+
+
+def parse_duration(text: str, where: str) -> timedelta:
+    """Go `time.ParseDuration` syntax (`300ms`, `1h30m`, `1.5h`); no `d` unit."""
+    original = text
+    if not text:
+        raise SpecError(where, "empty duration (use e.g. 30s, 5m, 1h30m)")
+    sign = 1
+    if text[0] in "+-":
+        sign = -1 if text[0] == "-" else 1
+        text = text[1:]
+    if text == "0":
+        return timedelta(0)
+    total_ns = 0
+    pos = 0
+    while pos < len(text):
+        match = _DURATION_PART.match(text, pos)
+        if match is None or match.group(1) in ("", "."):
+            raise SpecError(where, f"{original!r} is not a duration (use e.g. 30s, 5m, 1h30m)")
+        number, unit = match.groups()
+        if unit not in _UNITS_NS:
+            raise SpecError(where, f'"{original}": unknown unit "{unit}" (use ns, us, ms, s, m, h)')
+        whole, _, frac = number.partition(".")
+        ns = int(whole or "0") * _UNITS_NS[unit]
+        if frac:
+            ns += int(frac) * _UNITS_NS[unit] // 10 ** len(frac)
+        total_ns += ns
+        if total_ns > 2**63 - 1:
+            raise SpecError(where, f"{original!r} overflows (max about 2562047h)")
+        pos = match.end()
+    return sign * timedelta(microseconds=total_ns // 1000)
+
+
+def parse_timezone(name: str, where: str) -> tzinfo:
+    """An IANA zone name (`Europe/Berlin`, `UTC`)."""
+    if not name or name.startswith(("/", ".")) or ".." in name or "\x00" in name:
+        raise SpecError(where, f"{name!r} is not an IANA time zone name")
+    try:
+        return ZoneInfo(name)
+    except Exception as exc:  # ZoneInfoNotFoundError, ValueError, OSError...
+        raise SpecError(where, f"unknown time zone {name!r}") from exc
+
+
+def parse_time(text: str, where: str) -> datetime:
+    """An RFC 3339 timestamp with an offset (`2026-01-02T03:04:05Z`)."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise SpecError(where, f"{text!r} is not an RFC 3339 timestamp") from exc
+    if value.tzinfo is None:
+        raise SpecError(where, f"{text!r} has no UTC offset (add Z or +hh:mm)")
+    return value
+
+
+def validate_subject(subject: str, where: str = "target.subject") -> str:
+    """A concrete publish subject: no wildcards, no `$` API subjects, not our own API."""
+    if not subject:
+        raise SpecError(where, "is empty")
+    if len(subject) > MAX_SUBJECT_LENGTH:
+        raise SpecError(where, f"is longer than {MAX_SUBJECT_LENGTH} characters")
+    if subject.startswith("$"):
+        raise SpecError(where, f"{subject!r}: subjects starting with $ are reserved for NATS")
+    tokens = subject.split(".")
+    if tokens[0] == SERVICE_PREFIX:
+        raise SpecError(where, f"{subject!r}: the {SERVICE_PREFIX}. prefix is the API's own")
+    for token in tokens:
+        if token in ("*", ">") or "*" in token or ">" in token:
+            raise SpecError(where, f"{subject!r}: wildcards are not allowed in a job subject")
+        if not token:
+            raise SpecError(where, f"{subject!r}: empty token (leading, trailing or double dot)")
+        if not _TOKEN.fullmatch(token):
+            raise SpecError(
+                where, f"{subject!r}: tokens may use only letters, digits and - / _ = (no spaces)"
+            )
+    return subject
+
+
+# --- triggers -------------------------------------------------------------------------
+
+
+class EveryTrigger(BaseTrigger):  # type: ignore[misc]
+    """A fixed interval anchored at `anchor`: fires at anchor + k·interval, never drifting.
+
+    Unlike APScheduler's `IntervalTrigger` (previous + interval), the slot is computed
+    from the anchor, so phase survives restarts, failovers and late fires.
+    """
+
+    __slots__ = ("anchor", "end_date", "interval")
+
+    def __init__(self, interval: timedelta, anchor: datetime, end_date: datetime | None = None):
+        if interval <= timedelta(0):
+            raise ValueError("interval must be positive")
+        self.interval = interval
+        self.anchor = anchor.astimezone(UTC)
+        self.end_date = end_date
+
+    def get_next_fire_time(
+        self, previous_fire_time: datetime | None, now: datetime
+    ) -> datetime | None:
+        after = previous_fire_time if previous_fire_time is not None else now
+        if previous_fire_time is None and now < self.anchor:
+            result = self.anchor
+        else:
+            steps = (after - self.anchor) // self.interval + 1
+            result = self.anchor + steps * self.interval
+        if self.end_date is not None and result > self.end_date:
+            return None
+        return result
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"interval": self.interval, "anchor": self.anchor, "end_date": self.end_date}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["interval"], state["anchor"], state["end_date"])  # type: ignore[misc]
+
+    def __str__(self) -> str:
+        return f"every[{self.interval}]"
+
+    def __repr__(self) -> str:
+        return f"<EveryTrigger (interval={self.interval!r}, anchor={self.anchor.isoformat()})>"
+
+
+# --- the document ---------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Target(_Strict):
+    subject: StrictStr
+
+
+class _Payload(_Strict):
+    type: StrictStr | None = None
+    data: Any = None
+
+
+class _Schedule(_Strict):
+    every: StrictStr | None = None
+    cron: StrictStr | None = None
+    at: StrictStr | None = None
+    timezone: StrictStr | None = None
+    jitter: StrictStr | None = None
+    grace: StrictStr | None = None
+    start: StrictStr | None = None
+    end: StrictStr | None = None
+    paused: StrictBool | None = None
+
+
+class _Document(_Strict):
+    target: _Target
+    payload: _Payload | None = None
+    schedule: _Schedule
+    paused: StrictBool | None = None
+
+
+# Run-state fields that a `get` reply carries; accepted and ignored on input so a client
+# can send back what it read.
+_READ_ONLY = ("next_run", "last_run", "run_count", "last_error", "last_scheduled")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A validated job: what to publish where, and when."""
+
+    subject: str
+    payload_type: PayloadType | None
+    payload_data: str | None
+    every: timedelta | None = None
+    every_text: str | None = None
+    cron: str | None = None  # without any TZ prefix
+    at: datetime | None = None
+    timezone: str = "UTC"
+    jitter: timedelta = timedelta(0)
+    grace: timedelta | None = None
+    start: datetime | None = None
+    end: datetime | None = None
+    paused: bool = False
+    payload_bytes: bytes | None = field(default=None, repr=False)
+
+    @property
+    def kind(self) -> str:
+        return "every" if self.every else "cron" if self.cron else "at"
+
+    def trigger(self, now: datetime) -> BaseTrigger:
+        """The APScheduler trigger; an `every` job is anchored at `start` or `now`."""
+        zone = ZoneInfo(self.timezone)
+        if self.every is not None:
+            return EveryTrigger(self.every, self.start or now, self.end)
+        if self.cron is not None:
+            return StandardCronTrigger(self.cron, zone, self.start, self.end)
+        assert self.at is not None
+        return DateTrigger(run_date=self.at, timezone=zone)
+
+    def payload(self, fire_time: datetime) -> bytes:
+        """The message body for a fire at `fire_time`: the payload, or a ULID of the time."""
+        if self.payload_bytes:
+            return self.payload_bytes
+        return str(ULID.from_datetime(fire_time)).encode()
+
+    def to_document(self) -> dict[str, Any]:
+        """The canonical job document (README schema), as the API returns it."""
+        schedule: dict[str, Any] = {}
+        if self.every_text is not None:
+            schedule["every"] = self.every_text
+        if self.cron is not None:
+            schedule["cron"] = self.cron
+        if self.at is not None:
+            schedule["at"] = self.at.isoformat()
+        if self.timezone != "UTC" or self.cron is not None:
+            schedule["timezone"] = self.timezone
+        if self.jitter:
+            schedule["jitter"] = _format_duration(self.jitter)
+        if self.grace is not None:
+            schedule["grace"] = _format_duration(self.grace)
+        if self.start is not None:
+            schedule["start"] = self.start.isoformat()
+        if self.end is not None:
+            schedule["end"] = self.end.isoformat()
+        doc: dict[str, Any] = {"target": {"subject": self.subject}, "schedule": schedule}
+        if self.payload_data is not None:
+            payload: dict[str, Any] = {"data": self.payload_data}
+            if self.payload_type is not None:
+                payload["type"] = self.payload_type
+            doc["payload"] = payload
+        doc["paused"] = self.paused
+        return doc
+
+
+def _format_duration(value: timedelta) -> str:
+    us = value // timedelta(microseconds=1)
+    for unit, size in (("h", 3_600_000_000), ("m", 60_000_000), ("s", 1_000_000), ("ms", 1000)):
+        if us % size == 0:
+            return f"{us // size}{unit}"
+    return f"{us}us"
+
+
+def _pydantic_to_spec_error(exc: ValidationError) -> SpecError:
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return SpecError(where, "unknown field")
+    if first["type"] == "missing":
+        return SpecError(where, "is required")
+    return SpecError(where, first["msg"][0].lower() + first["msg"][1:])
+
+
+def _normalise(document: Any) -> Any:
+    """Accept the Go v0.2 flat form and strip read-only run-state fields."""
+    if not isinstance(document, dict):
+        raise SpecError("", f"a job document must be a JSON object, not {type(document).__name__}")
+    doc = {k: v for k, v in document.items() if k not in _READ_ONLY}
+    if "subject" in doc and "target" not in doc:
+        doc["target"] = {"subject": doc.pop("subject")}
+    return doc
+
+
+def _payload(raw: _Payload | None, max_payload: int | None) -> tuple[Any, str | None, bytes | None]:
+    if raw is None:
+        return None, None, None
+    kind, data = raw.type, raw.data
+    if kind not in (None, "json", "text", "base64"):
+        raise SpecError("payload.type", f"{kind!r} is not one of json, text, base64")
+    if data is None or data == "":
+        return kind, None, None
+    if kind == "json" and not isinstance(data, str):
+        # Convenience: a JSON value instead of a string holding JSON.
+        data = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    if not isinstance(data, str):
+        raise SpecError("payload.data", f"must be a string, not {type(data).__name__}")
+    if kind == "json":
+        try:
+            json.loads(data)
+        except ValueError as exc:
+            raise SpecError("payload.data", f"is not valid JSON ({exc})") from exc
+    if kind == "base64":
+        try:
+            body = base64.b64decode(data.encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError) as exc:
+            raise SpecError("payload.data", "is not valid base64") from exc
+    else:
+        try:
+            body = data.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise SpecError("payload.data", "is not valid UTF-8 text") from exc
+    if max_payload is not None and len(body) > max_payload:
+        raise SpecError(
+            "payload.data", f"is {len(body)} bytes, over the server's max_payload of {max_payload}"
+        )
+    return kind, data, body
+
+
+def _split_tz_prefix(cron: str) -> tuple[str | None, str]:
+    match = _TZ_PREFIX.match(cron.strip())
+    if match is None:
+        return None, cron.strip()
+    prefix, zone, space, rest = match.groups()
+    if not zone:
+        raise SpecError("schedule.cron", f"{prefix}= needs a zone name, e.g. {prefix}=Europe/Berlin")
+    if not space or not rest:
+        raise SpecError(
+            "schedule.cron", f"{prefix}={zone} must be followed by a space and the cron fields"
+        )
+    return zone, rest
+
+
+def parse_job(
+    document: Any,
+    *,
+    min_interval: timedelta = DEFAULT_MIN_INTERVAL,
+    max_payload: int | None = None,
+    now: datetime | None = None,
+) -> JobSpec:
+    """Validate a job document (README schema or Go v0.2 flat form) into a `JobSpec`."""
+    try:
+        return _parse_job(document, min_interval, max_payload, now or datetime.now(UTC))
+    except SpecError:
+        raise
+    except ValidationError as exc:
+        raise _pydantic_to_spec_error(exc) from None
+    except (ValueError, TypeError, OverflowError, ArithmeticError, RecursionError) as exc:
+        # A rule we did not name: still a validation error, never a crash.
+        raise SpecError("", f"invalid job document ({type(exc).__name__}: {exc})") from exc
+
+
+def _parse_job(document: Any, min_interval: timedelta, max_payload: int | None, now: datetime) -> JobSpec:
+    doc = _Document.model_validate(_normalise(document))
+    subject = validate_subject(doc.target.subject)
+    kind, data, body = _payload(doc.payload, max_payload)
+    sched = doc.schedule
+    given = [name for name in ("every", "cron", "at") if getattr(sched, name) is not None]
+    if len(given) != 1:
+        detail = "none given" if not given else f"got {', '.join(given)}"
+        raise SpecError("schedule", f"needs exactly one of every, cron, at ({detail})")
+
+    zone_name = sched.timezone
+    if zone_name is not None:
+        parse_timezone(zone_name, "schedule.timezone")
+    every = cron = None
+    at = None
+    if sched.every is not None:
+        every = parse_duration(sched.every, "schedule.every")
+        if every <= timedelta(0):
+            raise SpecError("schedule.every", f"{sched.every!r} must be positive")
+        if every < min_interval:
+            raise SpecError(
+                "schedule.every",
+                f"{sched.every!r} is below the minimum interval {_format_duration(min_interval)}",
+            )
+    elif sched.cron is not None:
+        prefix_zone, cron = _split_tz_prefix(sched.cron)
+        if prefix_zone is not None:
+            parse_timezone(prefix_zone, "schedule.cron")
+            if zone_name is not None and zone_name != prefix_zone:
+                raise SpecError(
+                    "schedule.cron", f"zone {prefix_zone!r} conflicts with schedule.timezone {zone_name!r}"
+                )
+            zone_name = prefix_zone
+        parse_cron(cron)
+    else:
+        assert sched.at is not None
+        at = parse_time(sched.at, "schedule.at")
+
+    jitter = parse_duration(sched.jitter, "schedule.jitter") if sched.jitter else timedelta(0)
+    if jitter < timedelta(0):
+        raise SpecError("schedule.jitter", f"{sched.jitter!r} must not be negative")
+    grace = parse_duration(sched.grace, "schedule.grace") if sched.grace else None
+    if grace is not None and grace < timedelta(0):
+        raise SpecError("schedule.grace", f"{sched.grace!r} must not be negative")
+    start = parse_time(sched.start, "schedule.start") if sched.start else None
+    end = parse_time(sched.end, "schedule.end") if sched.end else None
+    if start and end and end <= start:
+        raise SpecError("schedule.end", "must be after schedule.start")
+    paused = bool(doc.paused) or bool(sched.paused)
+
+    spec = JobSpec(
+        subject=subject,
+        payload_type=kind,  # type: ignore[arg-type]
+        payload_data=data,
+        every=every,
+        every_text=sched.every,
+        cron=cron,
+        at=at,
+        timezone=zone_name or "UTC",
+        jitter=jitter,
+        grace=grace,
+        start=start,
+        end=end,
+        paused=paused,
+        payload_bytes=body,
+    )
+    if cron is not None and spec.trigger(now).get_next_fire_time(None, start or now) is None:
+        raise SpecError("schedule.cron", f"{cron!r} never fires (no date matches all fields)")
+    return spec

@@ -1,0 +1,476 @@
+"""`JetStreamJobStore`: an APScheduler 3 job store persisting jobs in a JetStream KV bucket.
+
+Threading model
+---------------
+All NATS I/O runs on one asyncio loop: the loop of a connection the application passes
+in (`nc=`), or a private loop on a daemon thread when the store connects by itself.
+APScheduler calls the store synchronously, from its own thread (Background/Blocking
+schedulers) or from that same loop (AsyncIOScheduler). So:
+
+- Reads (`lookup_job`, `get_due_jobs`, `get_next_run_time`, `get_all_jobs`) never touch
+  the network: they read an in-memory index (an APScheduler `MemoryJobStore`, the
+  reference behaviour) kept current by a KV watch. A change written by another process
+  replaces the local copy and wakes the scheduler.
+- Writes (`add_job`, `update_job`, `remove_job`) check and update the index at once,
+  raising APScheduler's `ConflictingIdError` / `JobLookupError` as its contract says,
+  then queue the KV write. A single writer task on the loop drains the queue, coalescing
+  repeated writes to one key and pipelining different keys, each write a compare-and-set
+  on the record's last known revision. The fire path (`update_job` under the scheduler's
+  lock) therefore never waits for a round trip. `flush()` / `await aflush()` wait until
+  everything queued is in KV; `await apersist(job_id)` waits for one job and raises if its
+  write lost a compare-and-set race (the other writer's version is then the local one).
+- Only `start()` (initial load) and `flush()` block. On the loop's own thread they
+  would deadlock, so they raise `BridgeError` there: with a shared loop, `await
+  store.open()` before `scheduler.start()` and `await store.aclose()` after shutdown.
+
+Records are versioned JSON (see `codec`), never pickle. A record's function reference is
+resolved only through the allow-list; an unreadable record or one naming a function off
+the list is logged and skipped: it stays in KV, is never executed and never deleted
+unless someone removes that job id explicitly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from apscheduler.job import Job
+from apscheduler.jobstores.base import BaseJobStore, ConflictingIdError, JobLookupError
+from apscheduler.jobstores.memory import MemoryJobStore
+from apscheduler.util import obj_to_ref, ref_to_obj
+from loguru import logger
+from nats.aio.client import Client
+from nats.js.api import KeyValueConfig
+from nats.js.kv import KeyValue
+
+from nats_apscheduler._bridge import LoopBridge
+from nats_apscheduler.codec import build_job, decode_record, encode_job
+from nats_apscheduler.errors import RecordError, StoreError, WriteConflict
+
+DEFAULT_BUCKET = "nats-cron-jobs"
+FIRE_REF = "nats_apscheduler.fire:fire"
+_DELETE = None  # a queued op of None means "delete the key"
+_KV_OP = "KV-Operation"
+
+
+class _Resolver:
+    """Maps textual function references to callables, only for references on the list."""
+
+    def __init__(self, functions: Mapping[str, Callable[..., Any]] | Iterable[Any] | None):
+        self._bound: dict[str, Callable[..., Any] | None] = {}
+        if functions is None:
+            functions = (FIRE_REF,)
+        if isinstance(functions, Mapping):
+            self._bound.update(functions)
+        else:
+            for item in functions:
+                if isinstance(item, str):
+                    self._bound[item] = None  # imported on first use
+                else:
+                    self._bound[obj_to_ref(item)] = item
+
+    def allowed(self, ref: str) -> bool:
+        return ref in self._bound
+
+    def resolve(self, ref: str) -> Callable[..., Any]:
+        if ref not in self._bound:
+            raise RecordError(f"function {ref!r} is not on the store's allow-list")
+        func = self._bound[ref]
+        if func is None:
+            try:
+                func = self._bound[ref] = ref_to_obj(ref)
+            except (LookupError, ImportError, ValueError) as exc:
+                raise RecordError(f"function {ref!r} cannot be imported ({exc})") from exc
+        return func
+
+
+class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
+    """APScheduler job store on a JetStream KV bucket (plugin alias ``jetstream``).
+
+    :param bucket: KV bucket name (created if missing)
+    :param replicas: bucket replicas when the store creates it
+    :param nc: an existing nats-py connection; its event loop runs the store's I/O
+    :param url: server URL(s) for a connection of the store's own (when `nc` is None)
+    :param connect_options: extra `nats.connect` keyword arguments (credentials, TLS...)
+    :param functions: allow-list of function references (strings or callables), or a
+        mapping of reference to callable (binds a reference to, e.g., a bound method);
+        default: only ``nats_apscheduler.fire:fire``
+    :param timeout: seconds a blocking call (start, flush) waits
+    """
+
+    def __init__(
+        self,
+        bucket: str = DEFAULT_BUCKET,
+        replicas: int = 1,
+        nc: Client | None = None,
+        url: str | list[str] = "nats://localhost:4222",
+        connect_options: dict[str, Any] | None = None,
+        functions: Mapping[str, Callable[..., Any]] | Iterable[Any] | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        super().__init__()
+        self.bucket = bucket
+        self.replicas = replicas
+        self.writer_id = uuid.uuid4().hex
+        self._nc = nc
+        self._own_nc = nc is None
+        self._url = url
+        self._connect_options = dict(connect_options or {})
+        self._resolver = _Resolver(functions)
+        self._timeout = timeout
+        self._bridge: LoopBridge | None = None
+        self._kv: KeyValue | None = None
+        self._lock = threading.RLock()
+        self._index = MemoryJobStore()
+        self._revisions: dict[str, int] = {}
+        self._skipped: dict[str, str] = {}  # job id -> why its record is not loaded
+        self._stale: dict[str, Job] = {}  # job id -> object replaced by a remote change
+        self._queue: dict[str, bytes | None] = {}
+        self._inflight: set[str] = set()
+        self._kick_pending = False
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._flushers: list[asyncio.Future[None]] = []
+        self._wake: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._loaded: asyncio.Event | None = None
+        self._opened = False
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect (if needed), create/bind the bucket and load every job. Idempotent."""
+        if self._opened:
+            return
+        loop = asyncio.get_running_loop()
+        if self._bridge is None:
+            self._bridge = LoopBridge(loop)
+        if self._nc is None:
+            self._nc = await nats.connect(self._url, **self._connect_options)
+        js = self._nc.jetstream()
+        try:
+            self._kv = await js.key_value(self.bucket)
+        except nats.js.errors.BucketNotFoundError:
+            config = KeyValueConfig(bucket=self.bucket, replicas=self.replicas, direct=True)
+            self._kv = await js.create_key_value(config)
+        self._wake = asyncio.Event()
+        self._loaded = asyncio.Event()
+        self._tasks = [
+            loop.create_task(self._watch(), name=f"jobstore-watch-{self.bucket}"),
+            loop.create_task(self._writer(), name=f"jobstore-writer-{self.bucket}"),
+        ]
+        loaded = loop.create_task(self._loaded.wait())
+        done, _ = await asyncio.wait([loaded, self._tasks[0]], timeout=self._timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if loaded not in done:
+            loaded.cancel()
+            await self.aclose()
+            if self._tasks and self._tasks[0].done() and self._tasks[0].exception():
+                raise StoreError(f"watching bucket {self.bucket!r} failed") from self._tasks[0].exception()
+            raise StoreError(f"loading bucket {self.bucket!r} timed out after {self._timeout}s")
+        self._opened = True
+        logger.bind(bucket=self.bucket).debug("job store loaded {} jobs", len(self._index.get_all_jobs()))
+
+    def start(self, scheduler: Any, alias: str) -> None:
+        super().start(scheduler, alias)
+        if not self._opened:
+            if self._bridge is None and self._own_nc:
+                self._bridge = LoopBridge.on_new_thread(f"jobstore-{self.bucket}")
+            if self._bridge is None:
+                raise StoreError("await store.open() on the connection's loop before starting")
+            self._bridge.call(self.open(), self._timeout + 5, "JetStreamJobStore.start()")
+        with self._lock:
+            for job in self._index.get_all_jobs():
+                self._attach(job)
+
+    def shutdown(self) -> None:
+        """Stop watching and flush queued writes. Never deletes jobs (unlike MemoryJobStore)."""
+        if self._bridge is None:
+            return
+        if self._bridge.in_loop_thread():
+            # Cannot wait here; the application awaits aclose() to flush.
+            self._bridge.loop.create_task(self.aclose())
+            return
+        try:
+            self._bridge.call(self.aclose(), self._timeout + 5, "JetStreamJobStore.shutdown()")
+        finally:
+            self._bridge.stop()
+
+    async def aclose(self) -> None:
+        """Flush queued writes (bounded by the timeout), stop the tasks, close our connection."""
+        if self._tasks and not self._tasks[1].done():
+            try:
+                await asyncio.wait_for(self.aflush(), self._timeout)
+            except TimeoutError:
+                logger.warning("job store closed with {} unwritten changes", len(self._queue))
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        self._opened = False
+        if self._own_nc and self._nc is not None and not self._nc.is_closed:
+            await self._nc.close()
+
+    # --- reads: memory only ---------------------------------------------------------------
+
+    def lookup_job(self, job_id: str) -> Job | None:
+        with self._lock:
+            return self._index.lookup_job(job_id)
+
+    def get_due_jobs(self, now: Any) -> list[Job]:
+        with self._lock:
+            return self._index.get_due_jobs(now)  # type: ignore[no-any-return]
+
+    def get_next_run_time(self) -> Any:
+        with self._lock:
+            return self._index.get_next_run_time()
+
+    def get_all_jobs(self) -> list[Job]:
+        with self._lock:
+            jobs: list[Job] = self._index.get_all_jobs()
+        self._fix_paused_jobs_sorting(jobs)
+        return jobs
+
+    def skipped_records(self) -> dict[str, str]:
+        """Job ids whose KV records were not loaded, with the reason."""
+        with self._lock:
+            return dict(self._skipped)
+
+    # --- writes: index now, KV through the writer --------------------------------------------
+
+    def add_job(self, job: Job) -> None:
+        if not self._resolver.allowed(job.func_ref or ""):
+            raise ValueError(f"function {job.func_ref!r} is not on the store's allow-list")
+        data = encode_job(job, self.writer_id)
+        with self._lock:
+            if job.id in self._skipped:
+                raise ConflictingIdError(job.id)
+            self._index.add_job(job)
+            job.func = self._resolver.resolve(job.func_ref)
+            self._enqueue(job.id, data)
+
+    def update_job(self, job: Job) -> None:
+        data = encode_job(job, self.writer_id)
+        with self._lock:
+            if self._stale.get(job.id) is job:
+                # The scheduler still held the copy a remote change replaced: that change wins.
+                return
+            self._index.update_job(job)
+            self._enqueue(job.id, data)
+
+    def remove_job(self, job_id: str) -> None:
+        with self._lock:
+            if job_id in self._skipped:
+                del self._skipped[job_id]
+            else:
+                self._index.remove_job(job_id)
+            self._stale.pop(job_id, None)
+            self._enqueue(job_id, _DELETE)
+
+    def remove_all_jobs(self) -> None:
+        with self._lock:
+            ids = [job.id for job in self._index.get_all_jobs()] + list(self._skipped)
+            self._index.remove_all_jobs()
+            self._skipped.clear()
+            self._stale.clear()
+            for job_id in ids:
+                self._enqueue(job_id, _DELETE)
+
+    def _enqueue(self, job_id: str, data: bytes | None) -> None:
+        self._queue[job_id] = data
+        if not self._kick_pending and self._bridge is not None and self._wake is not None:
+            self._kick_pending = True
+            self._bridge.soon(self._wake.set)
+
+    # --- durability --------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Block until every queued write is in KV (not on the store's loop thread)."""
+        if self._bridge is not None:
+            self._bridge.call(self.aflush(), self._timeout, "JetStreamJobStore.flush()")
+
+    async def aflush(self) -> None:
+        """Wait until every write queued so far has been attempted."""
+        with self._lock:
+            if not self._queue and not self._inflight:
+                return
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._flushers.append(future)
+        await future
+
+    async def apersist(self, job_id: str) -> None:
+        """Wait for the queued write of `job_id`; WriteConflict if another writer won."""
+        with self._lock:
+            if job_id not in self._queue and job_id not in self._inflight:
+                return
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.setdefault(job_id, []).append(future)
+        await future
+
+    # --- the writer task -------------------------------------------------------------------
+
+    async def _writer(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            with self._lock:
+                self._kick_pending = False
+                batch, self._queue = self._queue, {}
+                self._inflight.update(batch)
+            if batch:
+                await asyncio.gather(*(self._write(k, v) for k, v in batch.items()))
+            with self._lock:
+                idle = not self._queue
+                flushers = self._flushers if idle else []
+                if idle:
+                    self._flushers = []
+                if self._queue:
+                    self._wake.set()
+            for future in flushers:
+                if not future.done():
+                    future.set_result(None)
+
+    async def _write(self, job_id: str, data: bytes | None) -> None:
+        assert self._kv is not None and self._nc is not None
+        error: BaseException | None = None
+        with self._lock:
+            last = self._revisions.get(job_id)
+        try:
+            if data is None:
+                if last is not None:
+                    revision = await self._delete(job_id, last)
+                    with self._lock:
+                        self._revisions[job_id] = max(revision, self._revisions.get(job_id, 0))
+            elif last is None:
+                revision = await self._kv.create(job_id, data)
+                with self._lock:
+                    self._revisions[job_id] = max(revision, self._revisions.get(job_id, 0))
+            else:
+                revision = await self._kv.update(job_id, data, last=last)
+                with self._lock:
+                    self._revisions[job_id] = max(revision, self._revisions.get(job_id, 0))
+        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError) as exc:
+            error = WriteConflict(f"job {job_id!r} was changed by another writer")
+            logger.bind(job_id=job_id).info("write lost a compare-and-set race; reloading ({})", exc)
+            await self._resync(job_id)
+        except (nats.errors.Error, TimeoutError, OSError) as exc:
+            error = StoreError(f"writing job {job_id!r} failed: {exc}")
+            logger.bind(job_id=job_id).error("writing job failed: {}", exc)
+            with self._lock:  # retry later unless something newer is queued
+                self._queue.setdefault(job_id, data)
+        finally:
+            with self._lock:
+                self._inflight.discard(job_id)
+                waiters = self._waiters.pop(job_id, []) if job_id not in self._queue else []
+        for future in waiters:
+            if not future.done():
+                if error is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(error)
+
+    async def _delete(self, job_id: str, last: int) -> int:
+        # kv.delete() does not return the revision of its marker; publish it ourselves.
+        assert self._kv is not None and self._nc is not None
+        headers = {_KV_OP: "DEL", "Nats-Expected-Last-Subject-Sequence": str(last)}
+        ack = await self._nc.jetstream().publish(f"$KV.{self.bucket}.{job_id}", b"", headers=headers)
+        return int(ack.seq)
+
+    async def _resync(self, job_id: str) -> None:
+        """After a lost race, make the local copy what KV holds now."""
+        assert self._kv is not None
+        try:
+            entry = await self._kv.get(job_id)
+            value, revision, deleted = entry.value, entry.revision, entry.value is None
+        except nats.js.errors.KeyNotFoundError as exc:
+            entry_rev = getattr(getattr(exc, "entry", None), "revision", None)
+            value, revision, deleted = None, entry_rev or 0, True
+        except (nats.errors.Error, TimeoutError) as exc:
+            logger.bind(job_id=job_id).warning("reloading job after a conflict failed: {}", exc)
+            return
+        with self._lock:
+            self._revisions[job_id] = max(revision or 0, self._revisions.get(job_id, 0))
+            self._queue.pop(job_id, None)
+            self._apply(job_id, None if deleted else value)
+        self._wakeup_scheduler()
+
+    # --- the watch -----------------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        assert self._kv is not None and self._loaded is not None
+        watcher = await self._kv.watchall()
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    self._loaded.set()
+                    self._wakeup_scheduler()
+                    continue
+                changed = self._on_entry(entry.key, entry.value, entry.revision, entry.operation)
+                if changed and self._loaded.is_set() and not entry.delta:
+                    self._wakeup_scheduler()
+        finally:
+            await watcher.stop()
+
+    def _on_entry(self, job_id: str, value: bytes | None, revision: int, operation: str | None) -> bool:
+        """Apply one watched KV entry; True if the local view changed."""
+        deleted = operation in ("DEL", "PURGE") or value is None
+        with self._lock:
+            known = self._revisions.get(job_id, 0)
+            if revision <= known:
+                return False  # our own write (acknowledged already) or older
+            self._revisions[job_id] = revision
+            if job_id in self._inflight and (deleted or _is_own(value, self.writer_id)):
+                return False  # the echo of our own write, ahead of its ack
+            if not deleted and _is_own(value, self.writer_id):
+                return False
+            self._queue.pop(job_id, None)  # local changes were based on an older version
+            self._apply(job_id, None if deleted else value)
+            return True
+
+    def _apply(self, job_id: str, value: bytes | None) -> None:
+        """Replace the local copy of `job_id` with KV's (None: deleted). Holds the lock."""
+        old = self._index.lookup_job(job_id)
+        if old is not None:
+            self._index.remove_job(job_id)
+            self._stale[job_id] = old
+        self._skipped.pop(job_id, None)
+        if value is None:
+            return
+        try:
+            record = decode_record(value)
+            if record.get("id") != job_id:
+                raise RecordError(f"record id {record.get('id')!r} does not match its key")
+            func = self._resolver.resolve(str(record.get("func")))
+            job = build_job(record, func)
+        except RecordError as exc:
+            self._skipped[job_id] = str(exc)
+            logger.bind(bucket=self.bucket, job_id=job_id).warning(
+                "skipping job record (kept in KV, never run): {}", exc
+            )
+            return
+        self._attach(job)
+        self._index.add_job(job)
+
+    def _attach(self, job: Job) -> None:
+        if self._scheduler is not None:
+            job._scheduler = self._scheduler
+            job._jobstore_alias = self._alias
+
+    def _wakeup_scheduler(self) -> None:
+        scheduler = self._scheduler
+        if scheduler is not None and scheduler.running:
+            scheduler.wakeup()
+
+    def __repr__(self) -> str:
+        return f"<JetStreamJobStore (bucket={self.bucket!r})>"
+
+
+def _is_own(value: bytes | None, writer_id: str) -> bool:
+    # Cheap check without a full decode: our records carry `"writer":"<id>"`.
+    return value is not None and f'"writer":"{writer_id}"'.encode() in value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+from nats_cron_cli.serve import serve
 
 from nats_apscheduler import __version__
 
@@ -27,6 +28,9 @@ def root(
     ),
 ) -> None:
     """Schedule NATS messages: jobs live in JetStream KV, one elected leader fires them."""
+
+
+app.command()(serve)
 
 
 def main() -> None:

@@ -183,7 +183,9 @@ def encode_job(job: Job, writer: str) -> bytes:
     try:
         return json.dumps(record, separators=(",", ":"), allow_nan=False).encode()
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"job {job.id!r}: args and kwargs must be JSON-serialisable ({exc})") from exc
+        raise ValueError(
+            f"job {job.id!r}: args and kwargs must be JSON-serialisable ({exc})"
+        ) from exc
 
 
 def decode_record(raw: bytes) -> dict[str, Any]:

@@ -180,7 +180,7 @@ class StandardCronTrigger(BaseTrigger):  # type: ignore[misc]
     Serialised by the job store as its expression, time zone, start and end.
     """
 
-    __slots__ = ("end_date", "expression", "spec", "start_date", "timezone", "_triggers")
+    __slots__ = ("_triggers", "end_date", "expression", "spec", "start_date", "timezone")
 
     def __init__(
         self,
@@ -263,4 +263,3 @@ class StandardCronTrigger(BaseTrigger):  # type: ignore[misc]
 
     def __repr__(self) -> str:
         return f"<StandardCronTrigger ({self.expression!r}, timezone='{self.timezone}')>"
-

@@ -48,13 +48,27 @@ class EmbeddedNatsServer:
 
     def start(self, timeout: float = 20.0) -> EmbeddedNatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        args = [nats_server_binary(), "-js", "-a", self.host, "-p", str(self.port or -1),
-                "-sd", str(self.store_dir)]
+        args = [
+            nats_server_binary(),
+            "-js",
+            "-a",
+            self.host,
+            "-p",
+            str(self.port or -1),
+            "-sd",
+            str(self.store_dir),
+        ]
         if self.config_file is not None:
             args += ["-c", str(self.config_file)]
         args += self.extra_args
         self.process = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            # Its own session: a Ctrl-C or a group-wide SIGTERM reaches only us, and we
+            # stop the server after handing the lease over.
+            start_new_session=True,
         )
         ready = threading.Event()
         found_port: list[int] = []

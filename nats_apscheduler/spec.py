@@ -22,59 +22,18 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr, ValidationErr
 from ulid import ULID
 
 from nats_apscheduler.cron import StandardCronTrigger, parse_cron
+from nats_apscheduler.durations import format_duration, parse_duration
 from nats_apscheduler.errors import SpecError
 
 SERVICE_PREFIX = "nats-cron"
 DEFAULT_MIN_INTERVAL = timedelta(seconds=1)
 MAX_SUBJECT_LENGTH = 256
 _TOKEN = re.compile(r"[-/_=a-zA-Z0-9]+")
-_DURATION_PART = re.compile(r"([0-9]*(?:\.[0-9]*)?)([a-zµμ]+)")
-_UNITS_NS = {
-    "ns": 1,
-    "us": 1_000,
-    "µs": 1_000,  # U+00B5 micro sign
-    "μs": 1_000,  # U+03BC Greek mu
-    "ms": 1_000_000,
-    "s": 1_000_000_000,
-    "m": 60_000_000_000,
-    "h": 3_600_000_000_000,
-}
 _TZ_PREFIX = re.compile(r"^(CRON_TZ|TZ)=(\S*)(\s*)(.*)$", re.DOTALL)
 PayloadType = Literal["json", "text", "base64"]
 
 
 # --- small parsers --------------------------------------------------------------------
-
-
-def parse_duration(text: str, where: str) -> timedelta:
-    """Go `time.ParseDuration` syntax (`300ms`, `1h30m`, `1.5h`); no `d` unit."""
-    original = text
-    if not text:
-        raise SpecError(where, "empty duration (use e.g. 30s, 5m, 1h30m)")
-    sign = 1
-    if text[0] in "+-":
-        sign = -1 if text[0] == "-" else 1
-        text = text[1:]
-    if text == "0":
-        return timedelta(0)
-    total_ns = 0
-    pos = 0
-    while pos < len(text):
-        match = _DURATION_PART.match(text, pos)
-        if match is None or match.group(1) in ("", "."):
-            raise SpecError(where, f"{original!r} is not a duration (use e.g. 30s, 5m, 1h30m)")
-        number, unit = match.groups()
-        if unit not in _UNITS_NS:
-            raise SpecError(where, f'"{original}": unknown unit "{unit}" (use ns, us, ms, s, m, h)')
-        whole, _, frac = number.partition(".")
-        ns = int(whole or "0") * _UNITS_NS[unit]
-        if frac:
-            ns += int(frac) * _UNITS_NS[unit] // 10 ** len(frac)
-        total_ns += ns
-        if total_ns > 2**63 - 1:
-            raise SpecError(where, f"{original!r} overflows (max about 2562047h)")
-        pos = match.end()
-    return sign * timedelta(microseconds=total_ns // 1000)
 
 
 def parse_timezone(name: str, where: str) -> tzinfo:
@@ -257,9 +216,9 @@ class JobSpec:
         if self.timezone != "UTC" or self.cron is not None:
             schedule["timezone"] = self.timezone
         if self.jitter:
-            schedule["jitter"] = _format_duration(self.jitter)
+            schedule["jitter"] = format_duration(self.jitter)
         if self.grace is not None:
-            schedule["grace"] = _format_duration(self.grace)
+            schedule["grace"] = format_duration(self.grace)
         if self.start is not None:
             schedule["start"] = self.start.isoformat()
         if self.end is not None:
@@ -272,14 +231,6 @@ class JobSpec:
             doc["payload"] = payload
         doc["paused"] = self.paused
         return doc
-
-
-def _format_duration(value: timedelta) -> str:
-    us = value // timedelta(microseconds=1)
-    for unit, size in (("h", 3_600_000_000), ("m", 60_000_000), ("s", 1_000_000), ("ms", 1000)):
-        if us % size == 0:
-            return f"{us // size}{unit}"
-    return f"{us}us"
 
 
 def _pydantic_to_spec_error(exc: ValidationError) -> SpecError:
@@ -343,7 +294,9 @@ def _split_tz_prefix(cron: str) -> tuple[str | None, str]:
         return None, cron.strip()
     prefix, zone, space, rest = match.groups()
     if not zone:
-        raise SpecError("schedule.cron", f"{prefix}= needs a zone name, e.g. {prefix}=Europe/Berlin")
+        raise SpecError(
+            "schedule.cron", f"{prefix}= needs a zone name, e.g. {prefix}=Europe/Berlin"
+        )
     if not space or not rest:
         raise SpecError(
             "schedule.cron", f"{prefix}={zone} must be followed by a space and the cron fields"
@@ -370,7 +323,9 @@ def parse_job(
         raise SpecError("", f"invalid job document ({type(exc).__name__}: {exc})") from exc
 
 
-def _parse_job(document: Any, min_interval: timedelta, max_payload: int | None, now: datetime) -> JobSpec:
+def _parse_job(
+    document: Any, min_interval: timedelta, max_payload: int | None, now: datetime
+) -> JobSpec:
     doc = _Document.model_validate(_normalise(document))
     subject = validate_subject(doc.target.subject)
     kind, data, body = _payload(doc.payload, max_payload)
@@ -392,7 +347,7 @@ def _parse_job(document: Any, min_interval: timedelta, max_payload: int | None, 
         if every < min_interval:
             raise SpecError(
                 "schedule.every",
-                f"{sched.every!r} is below the minimum interval {_format_duration(min_interval)}",
+                f"{sched.every!r} is below the minimum interval {format_duration(min_interval)}",
             )
     elif sched.cron is not None:
         prefix_zone, cron = _split_tz_prefix(sched.cron)
@@ -400,7 +355,8 @@ def _parse_job(document: Any, min_interval: timedelta, max_payload: int | None, 
             parse_timezone(prefix_zone, "schedule.cron")
             if zone_name is not None and zone_name != prefix_zone:
                 raise SpecError(
-                    "schedule.cron", f"zone {prefix_zone!r} conflicts with schedule.timezone {zone_name!r}"
+                    "schedule.cron",
+                    f"zone {prefix_zone!r} conflicts with schedule.timezone {zone_name!r}",
                 )
             zone_name = prefix_zone
         parse_cron(cron)

@@ -41,7 +41,7 @@ import nats
 import nats.errors
 import nats.js.errors
 from apscheduler.job import Job
-from apscheduler.jobstores.base import BaseJobStore, ConflictingIdError, JobLookupError
+from apscheduler.jobstores.base import BaseJobStore, ConflictingIdError
 from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.util import obj_to_ref, ref_to_obj
 from loguru import logger
@@ -165,16 +165,21 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
             loop.create_task(self._writer(), name=f"jobstore-writer-{self.bucket}"),
         ]
         loaded = loop.create_task(self._loaded.wait())
-        done, _ = await asyncio.wait([loaded, self._tasks[0]], timeout=self._timeout,
-                                     return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            [loaded, self._tasks[0]], timeout=self._timeout, return_when=asyncio.FIRST_COMPLETED
+        )
         if loaded not in done:
             loaded.cancel()
             await self.aclose()
             if self._tasks and self._tasks[0].done() and self._tasks[0].exception():
-                raise StoreError(f"watching bucket {self.bucket!r} failed") from self._tasks[0].exception()
+                raise StoreError(f"watching bucket {self.bucket!r} failed") from self._tasks[
+                    0
+                ].exception()
             raise StoreError(f"loading bucket {self.bucket!r} timed out after {self._timeout}s")
         self._opened = True
-        logger.bind(bucket=self.bucket).debug("job store loaded {} jobs", len(self._index.get_all_jobs()))
+        logger.bind(bucket=self.bucket).debug(
+            "job store loaded {} jobs", len(self._index.get_all_jobs())
+        )
 
     def start(self, scheduler: Any, alias: str) -> None:
         super().start(scheduler, alias)
@@ -357,7 +362,9 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
                     self._revisions[job_id] = max(revision, self._revisions.get(job_id, 0))
         except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError) as exc:
             error = WriteConflict(f"job {job_id!r} was changed by another writer")
-            logger.bind(job_id=job_id).info("write lost a compare-and-set race; reloading ({})", exc)
+            logger.bind(job_id=job_id).info(
+                "write lost a compare-and-set race; reloading ({})", exc
+            )
             await self._resync(job_id)
         except (nats.errors.Error, TimeoutError, OSError) as exc:
             error = StoreError(f"writing job {job_id!r} failed: {exc}")
@@ -379,7 +386,9 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
         # kv.delete() does not return the revision of its marker; publish it ourselves.
         assert self._kv is not None and self._nc is not None
         headers = {_KV_OP: "DEL", "Nats-Expected-Last-Subject-Sequence": str(last)}
-        ack = await self._nc.jetstream().publish(f"$KV.{self.bucket}.{job_id}", b"", headers=headers)
+        ack = await self._nc.jetstream().publish(
+            f"$KV.{self.bucket}.{job_id}", b"", headers=headers
+        )
         return int(ack.seq)
 
     async def _resync(self, job_id: str) -> None:
@@ -417,7 +426,9 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
         finally:
             await watcher.stop()
 
-    def _on_entry(self, job_id: str, value: bytes | None, revision: int, operation: str | None) -> bool:
+    def _on_entry(
+        self, job_id: str, value: bytes | None, revision: int, operation: str | None
+    ) -> bool:
         """Apply one watched KV entry; True if the local view changed."""
         deleted = operation in ("DEL", "PURGE") or value is None
         with self._lock:

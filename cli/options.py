@@ -1,0 +1,53 @@
+"""Connection options shared by every networked command (`--server`, credentials, TLS).
+
+Typer has no dependency injection, so each option is an `Annotated` alias that commands
+reuse; `connection_from()` folds the flags over the environment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from nats_apscheduler.settings import Connection
+
+Server = Annotated[str | None, typer.Option("--server", "-s", help="NATS URL(s) (env NATS_URL).")]
+Creds = Annotated[Path | None, typer.Option(help="Credentials file (env NATS_CREDS).")]
+User = Annotated[str | None, typer.Option(help="User name (env NATS_USER).")]
+Password = Annotated[str | None, typer.Option(help="Password (env NATS_PASSWORD).")]
+Token = Annotated[str | None, typer.Option(help="Token (env NATS_TOKEN).")]
+Nkey = Annotated[Path | None, typer.Option(help="NKey seed file (env NATS_NKEY).")]
+TlsCa = Annotated[Path | None, typer.Option(help="CA certificate (env NATS_CA).")]
+TlsCert = Annotated[Path | None, typer.Option(help="Client certificate (env NATS_CERT).")]
+TlsKey = Annotated[Path | None, typer.Option(help="Client key (env NATS_KEY).")]
+
+
+def connection_from(
+    environ: Mapping[str, str],
+    server: str | None,
+    creds: Path | None,
+    user: str | None,
+    password: str | None,
+    token: str | None,
+    nkey: Path | None,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+) -> Connection:
+    def path(value: Path | None) -> str | None:
+        return str(value) if value is not None else None
+
+    return Connection.from_env(environ).override(
+        url=server,
+        creds=path(creds),
+        user=user,
+        password=password,
+        token=token,
+        nkey=path(nkey),
+        tls_ca=path(tls_ca),
+        tls_cert=path(tls_cert),
+        tls_key=path(tls_key),
+    )

@@ -1,0 +1,177 @@
+"""`nats-cron serve`: run one scheduler instance (optionally with an embedded nats-server)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from datetime import timedelta
+from pathlib import Path
+
+import typer
+from nats_cron_cli.options import (
+    Creds,
+    Nkey,
+    Password,
+    Server,
+    TlsCa,
+    TlsCert,
+    TlsKey,
+    Token,
+    User,
+    connection_from,
+)
+
+from nats_apscheduler import __version__
+from nats_apscheduler.durations import parse_duration
+from nats_apscheduler.embedded import EmbeddedNatsServer
+from nats_apscheduler.errors import NatsCronError, SpecError
+from nats_apscheduler.logs import configure
+from nats_apscheduler.server import NatsCron
+from nats_apscheduler.settings import Settings
+
+EXIT_FATAL = 1
+EXIT_CONFIG = 2
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "nats-cron" / "embedded"
+
+
+def _duration(text: str | None, name: str) -> timedelta | None:
+    if text is None:
+        return None
+    value = parse_duration(text, name)
+    if value <= timedelta(0):
+        raise SpecError(name, f"{text!r} must be positive")
+    return value
+
+
+def serve(
+    server: Server = None,
+    creds: Creds = None,
+    user: User = None,
+    password: Password = None,
+    token: Token = None,
+    nkey: Nkey = None,
+    tls_ca: TlsCa = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    instance_id: str | None = typer.Option(
+        None, help="Instance id (env INSTANCE_ID, default: hostname)."
+    ),
+    log_level: str | None = typer.Option(None, help="debug, info, warn or error (env LOG_LEVEL)."),
+    jobs_bucket: str | None = typer.Option(
+        None, help="KV bucket of the jobs (env NATS_CRON_JOBS_BUCKET)."
+    ),
+    leader_bucket: str | None = typer.Option(
+        None, help="KV bucket of the lease (env NATS_CRON_LEADER_BUCKET)."
+    ),
+    history_stream: str | None = typer.Option(
+        None, help="Stream of run history (env NATS_CRON_HISTORY_STREAM)."
+    ),
+    replicas: int | None = typer.Option(
+        None, help="Replicas of buckets and stream (env NATS_CRON_REPLICAS)."
+    ),
+    lease_ttl: str | None = typer.Option(
+        None, help="Lease TTL, whole seconds, e.g. 3s (env NATS_CRON_LEASE_TTL)."
+    ),
+    grace: str | None = typer.Option(
+        None, help="Default grace window for missed runs (env NATS_CRON_GRACE)."
+    ),
+    min_interval: str | None = typer.Option(
+        None, help="Smallest `every` allowed (env NATS_CRON_MIN_INTERVAL)."
+    ),
+    history_depth: int | None = typer.Option(
+        None, help="Runs kept per job (env NATS_CRON_HISTORY_DEPTH)."
+    ),
+    embedded: bool = typer.Option(
+        False, "--embedded", help="Start a local nats-server with JetStream too."
+    ),
+    data_dir: Path | None = typer.Option(
+        None,
+        help="Embedded server's JetStream directory (default: ~/.local/share/nats-cron/embedded).",
+    ),
+    embedded_port: int = typer.Option(
+        4222, help="Embedded server's client port (0: any free port)."
+    ),
+) -> None:
+    """Run a scheduler instance: elects a leader, fires jobs, serves the API.
+
+    Example: nats-cron serve --embedded
+    """
+    try:
+        settings = Settings.from_env(os.environ).override(
+            instance_id=instance_id,
+            log_level=log_level.lower() if log_level else None,
+            jobs_bucket=jobs_bucket,
+            leader_bucket=leader_bucket,
+            history_stream=history_stream,
+            replicas=replicas,
+            lease_ttl=_duration(lease_ttl, "--lease-ttl"),
+            grace=_duration(grace, "--grace"),
+            min_interval=_duration(min_interval, "--min-interval"),
+            history_depth=history_depth,
+        )
+        connection = connection_from(
+            os.environ, server, creds, user, password, token, nkey, tls_ca, tls_cert, tls_key
+        )
+        settings = settings.override(connection=connection).validate()
+        if settings.log_level not in ("debug", "info", "warn", "warning", "error"):
+            raise SpecError(
+                "--log-level", f"{settings.log_level!r} is not one of debug, info, warn, error"
+            )
+    except NatsCronError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+    configure(settings.log_level, instance_id=settings.instance_id)
+
+    server: EmbeddedNatsServer | None = None
+    if embedded:
+        directory = data_dir or default_data_dir()
+        try:
+            server = EmbeddedNatsServer(directory, port=embedded_port).start()
+        except (RuntimeError, OSError) as exc:
+            typer.echo(f"error: could not start the embedded nats-server: {exc}", err=True)
+            raise typer.Exit(EXIT_FATAL) from None
+        settings = settings.override(connection=settings.connection.override(url=server.url))
+        typer.echo(
+            f"embedded nats-server with JetStream on {server.url} (data in {directory})\n"
+            f"connect with: NATS_URL={server.url} nats-cron status",
+            err=True,
+        )
+    try:
+        code = asyncio.run(_run(settings))
+    finally:
+        if server is not None:
+            server.stop()
+    raise typer.Exit(code)
+
+
+async def _run(settings: Settings) -> int:
+    cron = NatsCron(settings, version=__version__)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await cron.start()
+    except Exception as exc:  # report why, exit non-zero; the orchestrator restarts us
+        from loguru import logger
+
+        logger.error("could not start: {}: {}", type(exc).__name__, exc)
+        await cron.stop()
+        return EXIT_FATAL
+    stopping = loop.create_task(stop.wait())
+    fatal = loop.create_task(cron.wait_fatal())
+    done, pending = await asyncio.wait({stopping, fatal}, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    await cron.stop()
+    if fatal in done:
+        from loguru import logger
+
+        logger.error("exiting: {}", cron.fatal_reason)
+        return EXIT_FATAL
+    return 0

@@ -1,0 +1,313 @@
+"""Leader election: a lease on one key of a KV bucket with a per-key TTL.
+
+Knows nothing of APScheduler: it calls `on_won(epoch)` and `on_lost(reason)`.
+
+- Win: create-if-absent with a per-message TTL (`Nats-TTL`); the epoch is the revision
+  at which the lease was won (stream sequences only grow, so epochs do too).
+- Hold: every ttl/3, a revision-checked rewrite with the TTL again. Each success moves
+  the local deadline to `monotonic time when the refresh was sent + ttl - margin`. The
+  server counts its TTL from when it stored the message, later than our send time, so
+  our deadline passes before the key can expire and before anyone else can win.
+- Fence: `is_leader_now()` is true only while holding, connected and before the deadline.
+  A failed refresh that leaves the deadline behind, a lost connection or a frozen
+  process (SIGSTOP: the monotonic clock keeps counting) all end leadership locally.
+- Followers watch the key. The bucket has limit markers, so a lease that expires is
+  pushed to them as a marker and they campaign at once; a clean `stop()` deletes the key
+  (guarded by the held revision) for an immediate handover.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from loguru import logger
+from nats.aio.client import Client
+from nats.js.api import KeyValueConfig
+
+LEASE_KEY = "leader"
+_EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
+_WRONG_LAST = (10071, 10164)
+
+
+@dataclass(frozen=True)
+class LeaderInfo:
+    instance_id: str
+    since: str  # RFC 3339
+    epoch: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"instance_id": self.instance_id, "since": self.since, "epoch": self.epoch}
+
+
+class Election:
+    """One candidate in the election on `bucket`. Run it on the connection's loop."""
+
+    def __init__(
+        self,
+        nc: Client,
+        bucket: str,
+        instance_id: str,
+        ttl: float = 3.0,
+        *,
+        replicas: int = 1,
+        margin: float | None = None,
+        on_won: Callable[[int], None] | None = None,
+        on_lost: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if ttl < 1 or int(ttl) != ttl:
+            raise ValueError("the lease TTL must be a whole number of seconds, at least 1")
+        self._nc = nc
+        self._js = nc.jetstream()
+        self.bucket = bucket
+        self.instance_id = instance_id
+        self.ttl = ttl
+        self.margin = margin if margin is not None else max(0.25, ttl / 4)
+        self.replicas = replicas
+        self._on_won = on_won
+        self._on_lost = on_lost
+        self._clock = clock
+        self._token = secrets.token_hex(8)  # tells two processes with one instance id apart
+        self._subject = f"$KV.{bucket}.{LEASE_KEY}"
+        self._holding = False
+        self._revision = 0
+        self._deadline = 0.0
+        self.epoch = 0
+        self.since: str | None = None
+        self.leader: LeaderInfo | None = None
+        self._changed = asyncio.Event()
+        self._stopping = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._expiry: asyncio.TimerHandle | None = None
+        self.transitions = 0
+
+    # --- public ------------------------------------------------------------------------------
+
+    def is_leader_now(self) -> bool:
+        """The fence: true only if this instance provably holds the lease at this moment."""
+        return self._holding and self._nc.is_connected and self._clock() < self._deadline
+
+    def lease_remaining(self) -> float:
+        return max(0.0, self._deadline - self._clock()) if self._holding else 0.0
+
+    async def start(self) -> None:
+        try:
+            kv = await self._js.key_value(self.bucket)
+        except nats.js.errors.BucketNotFoundError:
+            kv = await self._js.create_key_value(
+                KeyValueConfig(
+                    bucket=self.bucket,
+                    history=1,
+                    replicas=self.replicas,
+                    direct=True,
+                    limit_marker_ttl=max(1.0, self.ttl),
+                )
+            )
+        watcher = await kv.watch(LEASE_KEY)
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._watch(watcher), name="election-watch"),
+            loop.create_task(self._run(), name="election-run"),
+        ]
+
+    async def stop(self, release: bool = True) -> None:
+        """Stop campaigning; with `release`, hand the lease over at once."""
+        self._stopping = True
+        self._changed.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._holding and release and self._nc.is_connected:
+            revision = self._revision
+            self._lose("released")
+            try:
+                headers = {"KV-Operation": "DEL", _EXPECTED_LAST: str(revision)}
+                await self._js.publish(self._subject, b"", headers=headers, timeout=2)
+                logger.info("released the lease")
+            except (nats.errors.Error, TimeoutError) as exc:
+                logger.warning("could not release the lease: {}", exc)
+        elif self._holding:
+            self._lose("stopped")
+
+    def connection_lost(self) -> None:
+        """Call from the connection's disconnected callback: pause at once."""
+        if self._holding:
+            self._lose("connection lost")
+        self._changed.set()
+
+    def connection_restored(self) -> None:
+        self._changed.set()
+
+    # --- internals ------------------------------------------------------------------------------
+
+    async def _watch(self, watcher: Any) -> None:
+        async for entry in watcher:
+            if entry is None:
+                continue
+            value = _decode(entry.value)
+            if entry.operation in ("DEL", "PURGE") or value is None:
+                self.leader = None
+            else:
+                self.leader = LeaderInfo(
+                    instance_id=str(value.get("instance_id")),
+                    since=str(value.get("since")),
+                    epoch=int(value.get("epoch") or entry.revision),
+                )
+            self._changed.set()
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            try:
+                if self._holding:
+                    await self._refresh()
+                    await self._wait(self.ttl / 3)
+                else:
+                    await self._campaign()
+                    if not self._holding:
+                        # A change of the key (or its expiry marker) wakes us; the timeout
+                        # is only a safety net for a missed watch event.
+                        await self._wait(self.ttl)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # never let the election die silently
+                logger.exception("election loop error: {}", exc)
+                await self._wait(min(1.0, self.ttl / 3))
+
+    async def _wait(self, seconds: float) -> None:
+        self._changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), seconds)
+
+    def _value(self, epoch: int | None) -> bytes:
+        return json.dumps(
+            {
+                "instance_id": self.instance_id,
+                "token": self._token,
+                "since": self.since or _now(),
+                "epoch": epoch,
+            }
+        ).encode()
+
+    async def _put(self, value: bytes, last: int, timeout: float) -> int:
+        headers = {_EXPECTED_LAST: str(last)}
+        ack = await self._js.publish(
+            self._subject, value, headers=headers, msg_ttl=self.ttl, timeout=timeout
+        )
+        return int(ack.seq)
+
+    async def _campaign(self) -> None:
+        if not self._nc.is_connected:
+            return
+        try:
+            last, holder = await self._current()
+        except (nats.errors.Error, TimeoutError) as exc:
+            logger.debug("reading the lease failed: {}", exc)
+            return
+        if holder is not None and holder.get("token") != self._token:
+            return  # someone else holds it
+        sent = self._clock()
+        self.since = _now()
+        try:
+            revision = await self._put(self._value(None), last, timeout=self.ttl / 3)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code in _WRONG_LAST:
+                return  # lost the race
+            raise
+        except (nats.errors.Error, TimeoutError) as exc:
+            logger.debug("campaign write failed: {}", exc)
+            return
+        self._won(revision, sent)
+
+    async def _current(self) -> tuple[int, dict[str, Any] | None]:
+        """(revision to expect, holder) of the lease key; holder None when free."""
+        try:
+            msg = await self._js.get_msg(f"KV_{self.bucket}", subject=self._subject, direct=True)
+        except nats.js.errors.NotFoundError:
+            return 0, None
+        headers = msg.headers or {}
+        if headers.get("KV-Operation") in ("DEL", "PURGE") or "Nats-Marker-Reason" in headers:
+            return int(msg.seq), None
+        return int(msg.seq), _decode(msg.data)
+
+    async def _refresh(self) -> None:
+        sent = self._clock()
+        timeout = max(0.05, min(self.ttl / 3, self._deadline - sent))
+        try:
+            revision = await self._put(self._value(self.epoch), self._revision, timeout)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code in _WRONG_LAST:
+                self._lose("lease taken over or expired")
+                return
+            logger.warning("lease refresh failed: {}", exc)
+        except (nats.errors.Error, TimeoutError) as exc:
+            logger.warning("lease refresh failed: {}", exc)
+        else:
+            self._revision = revision
+            self._set_deadline(sent + self.ttl - self.margin)
+            return
+        if self._clock() >= self._deadline:
+            self._lose("lease refresh failed past its deadline")
+
+    def _set_deadline(self, deadline: float) -> None:
+        self._deadline = deadline
+        if self._expiry is not None:
+            self._expiry.cancel()
+        delay = max(0.0, deadline - self._clock())
+        self._expiry = asyncio.get_running_loop().call_later(delay, self._check_deadline)
+
+    def _check_deadline(self) -> None:
+        if self._holding and self._clock() >= self._deadline:
+            self._lose("lease deadline passed without a refresh")
+            self._changed.set()
+
+    def _won(self, revision: int, sent: float) -> None:
+        self._revision = revision
+        self.epoch = revision
+        self._holding = True
+        self._set_deadline(sent + self.ttl - self.margin)
+        self.leader = LeaderInfo(self.instance_id, self.since or _now(), revision)
+        self.transitions += 1
+        logger.bind(instance_id=self.instance_id, epoch=revision).info("won the lease")
+        if self._on_won is not None:
+            self._on_won(revision)
+
+    def _lose(self, reason: str) -> None:
+        if not self._holding:
+            return
+        self._holding = False
+        self._deadline = 0.0
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        self.transitions += 1
+        level = "INFO" if reason == "released" else "WARNING"
+        logger.bind(instance_id=self.instance_id, epoch=self.epoch).log(
+            level, "lost the lease: {}", reason
+        )
+        if self._on_lost is not None:
+            self._on_lost(reason)
+
+
+def _decode(value: bytes | None) -> dict[str, Any] | None:
+    if not value:
+        return None
+    try:
+        data = json.loads(value)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

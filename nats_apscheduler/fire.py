@@ -1,0 +1,285 @@
+"""What a fire does: the fence check, the publish with its headers, run state and history.
+
+`FireExecutor` is the APScheduler executor of nats-cron jobs: it receives each job with
+its scheduled run time (which plain job functions never see), applies the grace window,
+and hands the slot to `Firer.fire`. The job's function reference, `FIRE_REF`, only names
+the kind of job for the store's allow-list: nats-cron jobs run through the executor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import nats.errors
+from apscheduler.events import (
+    EVENT_JOB_ERROR,
+    EVENT_JOB_EXECUTED,
+    EVENT_JOB_MISSED,
+    JobExecutionEvent,
+)
+from apscheduler.executors.base import BaseExecutor
+from apscheduler.job import Job
+from loguru import logger
+from nats.aio.client import Client
+from nats.js.api import DiscardPolicy, StreamConfig
+
+from nats_apscheduler.errors import NotLeaderError, SpecError
+from nats_apscheduler.spec import JobSpec, parse_job
+
+FIRE_REF = "nats_apscheduler.fire:fire"
+HISTORY_PREFIX = "nats-cron.history"
+
+
+async def fire(**kwargs: Any) -> None:
+    """The reference every nats-cron job names; `FireExecutor` runs such jobs.
+
+    Called directly (outside a nats-cron instance) it refuses, since only an elected
+    leader's executor may publish.
+    """
+    raise NotLeaderError("nats-cron jobs fire only through a nats-cron instance's FireExecutor")
+
+
+def rfc3339(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def slot_ms(value: datetime) -> int:
+    return int(value.timestamp() * 1000)
+
+
+def jitter_delay(subject: str, slot: datetime, jitter: timedelta) -> float:
+    """A delay in [0, jitter) derived from the job and the slot, the same on every instance."""
+    if jitter <= timedelta(0):
+        return 0.0
+    digest = hashlib.sha256(f"{subject}:{slot_ms(slot)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 * jitter.total_seconds()
+
+
+@dataclass
+class FireOutcome:
+    status: str  # "fired" | "fenced" | "error" | "invalid"
+    error: str | None = None
+
+
+class History:
+    """Per-job execution history in a JetStream stream.
+
+    Records go to `nats-cron.history.<stream>.<job subject>`; the stream name is part of
+    the subject so that several deployments (or tests) on one server never overlap.
+    """
+
+    def __init__(self, nc: Client, stream: str, depth: int, replicas: int = 1) -> None:
+        self._nc = nc
+        self._js = nc.jetstream()
+        self.stream = stream
+        self.depth = depth
+        self.replicas = replicas
+        self.prefix = f"{HISTORY_PREFIX}.{stream}"
+
+    async def ensure(self) -> None:
+        config = StreamConfig(
+            name=self.stream,
+            subjects=[f"{self.prefix}.>"],
+            max_msgs_per_subject=self.depth,
+            discard=DiscardPolicy.OLD,
+            num_replicas=self.replicas,
+            allow_direct=True,
+        )
+        try:
+            await self._js.add_stream(config)
+        except nats.js.errors.BadRequestError:
+            await self._js.update_stream(config)
+
+    async def append(self, subject: str, record: dict[str, Any]) -> None:
+        # Fire-and-forget: history is informative and must not slow the fire path.
+        await self._nc.publish(f"{self.prefix}.{subject}", json.dumps(record).encode())
+
+    async def read(self, subject: str, limit: int) -> list[dict[str, Any]]:
+        """The most recent `limit` records of `subject`, newest first."""
+        filter_subject = f"{self.prefix}.{subject}"
+        sub = await self._js.subscribe(filter_subject, stream=self.stream, ordered_consumer=True)
+        records: list[dict[str, Any]] = []
+        try:
+            info = await sub.consumer_info()
+            pending = info.num_pending
+            while pending > 0:
+                msg = await sub.next_msg(timeout=2)
+                pending = msg.metadata.num_pending
+                try:
+                    records.append(json.loads(msg.data))
+                except ValueError:
+                    continue
+        finally:
+            await sub.unsubscribe()
+        records.reverse()
+        return records[:limit]
+
+
+class Firer:
+    """Publishes fires for one instance, behind the election's fence."""
+
+    def __init__(
+        self,
+        nc: Client,
+        instance_id: str,
+        fence: Callable[[], bool],
+        epoch: Callable[[], int],
+        persist: Callable[[Job], None],
+        history: History | None = None,
+        on_fire: Callable[[str, str, float], None] | None = None,
+    ) -> None:
+        self._nc = nc
+        self.instance_id = instance_id
+        self._fence = fence
+        self._epoch = epoch
+        self._persist = persist
+        self._history = history
+        self._on_fire = on_fire
+        self._specs: dict[str, tuple[Any, JobSpec]] = {}
+        self.in_flight = 0
+
+    def spec_of(self, job: Job) -> JobSpec:
+        """The job's validated document, parsed once per stored version."""
+        doc = job.kwargs.get("job")
+        cached = self._specs.get(job.id)
+        if cached is not None and cached[0] is doc:
+            return cached[1]
+        # min_interval=0: the document passed the configured minimum when it was accepted.
+        spec = parse_job(doc, min_interval=timedelta(0))
+        if spec.subject != job.id:
+            raise SpecError("target.subject", f"{spec.subject!r} does not match job id {job.id!r}")
+        self._specs[job.id] = (doc, spec)
+        return spec
+
+    async def fire(self, job: Job, slot: datetime) -> FireOutcome:
+        self.in_flight += 1
+        try:
+            return await self._fire(job, slot)
+        finally:
+            self.in_flight -= 1
+
+    async def _fire(self, job: Job, slot: datetime) -> FireOutcome:
+        try:
+            spec = self.spec_of(job)
+        except SpecError as exc:
+            logger.bind(job_id=job.id).error("refusing to fire an invalid job document: {}", exc)
+            return FireOutcome("invalid", str(exc))
+        delay = jitter_delay(spec.subject, slot, spec.jitter)
+        if delay:
+            await asyncio.sleep(delay)
+        if not self._fence():
+            self._give_back(job, slot)
+            logger.bind(subject=spec.subject).warning("fenced: not firing {}", rfc3339(slot))
+            return FireOutcome("fenced")
+        epoch = self._epoch()
+        headers = {
+            "Nats-Msg-Id": f"{spec.subject}:{slot_ms(slot)}",
+            "Nats-Cron-Job": spec.subject,
+            "Nats-Cron-Scheduled": rfc3339(slot),
+            "Nats-Cron-Instance": self.instance_id,
+            "Nats-Cron-Epoch": str(epoch),
+        }
+        actual = datetime.now(UTC)
+        error: str | None = None
+        try:
+            await self._nc.publish(spec.subject, spec.payload(slot), headers=headers)
+        except (nats.errors.Error, OSError) as exc:
+            error = f"publish failed: {exc}"
+        self._record(job, slot, actual, error)
+        lateness = (actual - slot).total_seconds()
+        if self._on_fire is not None:
+            self._on_fire(spec.subject, "error" if error else "fired", lateness)
+        if self._history is not None:
+            record = {
+                "subject": spec.subject,
+                "scheduled": rfc3339(slot),
+                "actual": rfc3339(actual),
+                "instance": self.instance_id,
+                "epoch": epoch,
+                "outcome": "error" if error else "fired",
+                "error": error,
+            }
+            try:
+                await self._history.append(spec.subject, record)
+            except (nats.errors.Error, OSError) as exc:
+                logger.bind(subject=spec.subject).warning("history append failed: {}", exc)
+        if error:
+            logger.bind(subject=spec.subject, epoch=epoch).error(error)
+            return FireOutcome("error", error)
+        logger.bind(subject=spec.subject, epoch=epoch, scheduled=rfc3339(slot)).debug("fired")
+        return FireOutcome("fired")
+
+    def _record(self, job: Job, slot: datetime, actual: datetime, error: str | None) -> None:
+        state = dict(job.kwargs.get("state") or {})
+        state["last_scheduled"] = rfc3339(slot)
+        state["last_run"] = rfc3339(actual)
+        state["run_count"] = int(state.get("run_count") or 0) + (0 if error else 1)
+        state["last_error"] = error
+        job.kwargs = {**job.kwargs, "state": state}
+        self._persist(job)
+
+    def _give_back(self, job: Job, slot: datetime) -> None:
+        """A fenced fire hands its slot back, so the next leader fires it (within grace)."""
+        if job.next_run_time is not None and job.next_run_time > slot:
+            job.next_run_time = slot
+            self._persist(job)
+
+
+class FireExecutor(BaseExecutor):  # type: ignore[misc]
+    """APScheduler executor for nats-cron jobs, on the scheduler's asyncio loop."""
+
+    def __init__(self, firer: Firer) -> None:
+        super().__init__()
+        self._firer = firer
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, scheduler: Any, alias: str) -> None:
+        super().start(scheduler, alias)
+        self._loop: asyncio.AbstractEventLoop = scheduler._eventloop
+
+    def shutdown(self, wait: bool = True) -> None:
+        # In-flight fires are awaited by `drain()`; nothing to do synchronously.
+        pass
+
+    async def drain(self, timeout: float) -> None:
+        """Wait for in-flight fires (bounded)."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
+
+    def _do_submit_job(self, job: Job, run_times: list[datetime]) -> None:
+        task = self._loop.create_task(self._run(job, run_times))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, job: Job, run_times: list[datetime]) -> None:
+        events: list[JobExecutionEvent] = []
+        alias = job._jobstore_alias
+        try:
+            for run_time in run_times:
+                late = datetime.now(UTC) - run_time
+                if job.misfire_grace_time is not None and late > timedelta(
+                    seconds=job.misfire_grace_time
+                ):
+                    events.append(JobExecutionEvent(EVENT_JOB_MISSED, job.id, alias, run_time))
+                    logger.bind(job_id=job.id).warning(
+                        "skipping slot {} (missed by {}, past its grace window)",
+                        rfc3339(run_time),
+                        late,
+                    )
+                    continue
+                outcome = await self._firer.fire(job, run_time)
+                code = EVENT_JOB_EXECUTED if outcome.status == "fired" else EVENT_JOB_ERROR
+                events.append(JobExecutionEvent(code, job.id, alias, run_time, retval=outcome))
+        except Exception as exc:
+            logger.bind(job_id=job.id).exception("fire crashed: {}", exc)
+            events.append(
+                JobExecutionEvent(EVENT_JOB_ERROR, job.id, alias, run_times[-1], exception=exc)
+            )
+        finally:
+            self._run_job_success(job.id, events)

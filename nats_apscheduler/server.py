@@ -1,0 +1,227 @@
+"""The composition root: connection, store, election, scheduler, firer and API, wired.
+
+`NatsCron` is also the embedding API: an asyncio application creates it with `Settings`
+(and optionally its own NATS connection), `await start()`, manages jobs through
+`.jobs` (a `JobManager`), and `await stop()` on the way out.
+
+    cron = NatsCron(Settings(instance_id="app-1"), nc=my_connection)
+    await cron.start()
+    await cron.jobs.create({"target": {"subject": "app.tick"}, "schedule": {"every": "30s"}})
+    ...
+    await cron.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import nats.errors
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.schedulers.base import STATE_RUNNING
+from loguru import logger
+from nats.aio.client import Client
+
+from nats_apscheduler.connection import connect
+from nats_apscheduler.election import Election
+from nats_apscheduler.errors import NatsCronError
+from nats_apscheduler.fire import FIRE_REF, FireExecutor, Firer, History, rfc3339
+from nats_apscheduler.jobs import EXECUTOR, JOBSTORE, JobManager, Limits
+from nats_apscheduler.service import SERVICE_NAME, CronService
+from nats_apscheduler.settings import Settings
+from nats_apscheduler.store import JetStreamJobStore
+
+# While the fence is down, a running scheduler re-checks this often (seconds) instead of
+# firing; the election pauses it properly within the same turn of the loop anyway.
+_FENCED_RETRY = 0.1
+
+
+class FencedScheduler(AsyncIOScheduler):  # type: ignore[misc]
+    """An AsyncIOScheduler that processes due jobs only while the fence holds.
+
+    Processing a job advances its next run time; doing that without the lease could
+    consume a slot that the real leader then never fires.
+    """
+
+    def __init__(self, fence: Any, **options: Any) -> None:
+        super().__init__(**options)
+        self._fence = fence
+
+    def _process_jobs(self) -> float | None:
+        if self.state == STATE_RUNNING and not self._fence():
+            return _FENCED_RETRY
+        result: float | None = super()._process_jobs()
+        return result
+
+
+class NatsCron:
+    """One nats-cron instance. See the module docstring."""
+
+    def __init__(self, settings: Settings, nc: Client | None = None, version: str = "0.0.0"):
+        self.settings = settings.validate()
+        self.version = version
+        self._nc = nc
+        self._own_nc = nc is None
+        self._fatal = asyncio.Event()
+        self.fatal_reason: str | None = None
+        self._stopped = False
+        self.started_at: datetime | None = None
+        self._started_mono = 0.0
+        self.store: JetStreamJobStore
+        self.election: Election
+        self.scheduler: FencedScheduler
+        self.firer: Firer
+        self.executor: FireExecutor
+        self.history: History
+        self.jobs: JobManager
+        self.service: CronService
+
+    @property
+    def nc(self) -> Client:
+        assert self._nc is not None
+        return self._nc
+
+    async def start(self) -> None:
+        s = self.settings
+        log = logger.bind(instance_id=s.instance_id)
+        if self._nc is None:
+            self._nc = await connect(
+                s.connection,
+                error_cb=self._on_error,
+                disconnected_cb=self._on_disconnected,
+                reconnected_cb=self._on_reconnected,
+                closed_cb=self._on_closed,
+            )
+        nc = self._nc
+        self.store = JetStreamJobStore(
+            bucket=s.jobs_bucket, replicas=s.replicas, nc=nc, functions=(FIRE_REF,)
+        )
+        await self.store.open()
+        self.history = History(nc, s.history_stream, s.history_depth, s.replicas)
+        await self.history.ensure()
+        self.election = Election(
+            nc,
+            s.leader_bucket,
+            s.instance_id,
+            s.lease_ttl.total_seconds(),
+            replicas=s.replicas,
+            on_won=self._on_won,
+            on_lost=self._on_lost,
+        )
+        self.firer = Firer(
+            nc,
+            s.instance_id,
+            fence=self.election.is_leader_now,
+            epoch=lambda: self.election.epoch,
+            persist=self._persist,
+            history=self.history,
+        )
+        self.executor = FireExecutor(self.firer)
+        self.scheduler = FencedScheduler(self.election.is_leader_now, timezone=UTC)
+        self.scheduler.add_jobstore(self.store, JOBSTORE)
+        self.scheduler.add_executor(self.executor, EXECUTOR)
+        self.scheduler.start(paused=True)
+        self.jobs = JobManager(
+            self.scheduler,
+            self.store,
+            Limits(min_interval=s.min_interval, max_payload=nc.max_payload, grace=s.grace),
+        )
+        self.service = CronService(
+            nc, self.version, s.instance_id, self.jobs, self.status, self.history
+        )
+        await self.service.start()
+        self.started_at = datetime.now(UTC)
+        self._started_mono = time.monotonic()
+        await self.election.start()
+        log.bind(jobs=self.jobs.count(), bucket=s.jobs_bucket).info("nats-cron instance started")
+
+    async def stop(self) -> None:
+        """Stop firing, finish in-flight fires, persist run state, hand the lease over."""
+        if self._stopped:
+            return
+        self._stopped = True
+        log = logger.bind(instance_id=self.settings.instance_id)
+        if hasattr(self, "scheduler") and self.scheduler.running:
+            self.scheduler.pause()
+        if hasattr(self, "executor"):
+            await self.executor.drain(timeout=5)
+        if hasattr(self, "store"):
+            try:
+                await asyncio.wait_for(self.store.aflush(), 5)
+            except TimeoutError:
+                log.warning("stopping with unwritten job changes")
+        if hasattr(self, "election"):
+            await self.election.stop(release=True)
+        if hasattr(self, "service"):
+            await self.service.stop()
+        if hasattr(self, "scheduler") and self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+        if hasattr(self, "store"):
+            await self.store.aclose()
+        if self._own_nc and self._nc is not None and not self._nc.is_closed:
+            try:
+                await self._nc.close()
+            except (OSError, nats.errors.Error) as exc:
+                log.debug("closing the connection: {}", exc)
+        log.info("nats-cron instance stopped")
+
+    async def wait_fatal(self) -> str:
+        """Return when the instance cannot go on (connection closed for good)."""
+        await self._fatal.wait()
+        return self.fatal_reason or "fatal error"
+
+    def status(self) -> dict[str, Any]:
+        leader = self.election.leader
+        return {
+            "service": SERVICE_NAME,
+            "version": self.version,
+            "instance_id": self.settings.instance_id,
+            "is_leader": self.election.is_leader_now(),
+            "leader": leader.to_dict() if leader else None,
+            "jobs": self.jobs.count(),
+            "skipped_records": len(self.store.skipped_records()),
+            "started_at": rfc3339(self.started_at) if self.started_at else None,
+            "uptime_seconds": round(time.monotonic() - self._started_mono, 3),
+        }
+
+    # --- wiring callbacks ----------------------------------------------------------------------
+
+    def _persist(self, job: Any) -> None:
+        with contextlib.suppress(LookupError):  # deleted meanwhile: nothing to record
+            self.store.update_job(job)
+
+    def _on_won(self, epoch: int) -> None:
+        logger.bind(instance_id=self.settings.instance_id, epoch=epoch).info("leading: firing")
+        if self.scheduler.running:
+            self.scheduler.resume()
+
+    def _on_lost(self, reason: str) -> None:
+        logger.bind(instance_id=self.settings.instance_id).warning("following: {}", reason)
+        if self.scheduler.running:
+            self.scheduler.pause()
+
+    async def _on_disconnected(self) -> None:
+        if self._stopped:
+            return
+        logger.bind(instance_id=self.settings.instance_id).warning("NATS connection lost")
+        if hasattr(self, "election"):
+            self.election.connection_lost()
+
+    async def _on_reconnected(self) -> None:
+        logger.bind(instance_id=self.settings.instance_id).info("NATS connection restored")
+        if hasattr(self, "election"):
+            self.election.connection_restored()
+
+    async def _on_closed(self) -> None:
+        if not self._stopped:
+            self.fatal_reason = "NATS connection closed for good"
+            self._fatal.set()
+
+    async def _on_error(self, exc: Exception) -> None:
+        logger.bind(instance_id=self.settings.instance_id).warning("NATS error: {}", exc)
+
+
+__all__ = ["FencedScheduler", "NatsCron", "NatsCronError"]

@@ -1,0 +1,149 @@
+"""Frozen `Settings` read once from the environment (`Settings.from_env(environ)`); no I/O.
+
+Connection variables follow the `nats` CLI (`NATS_URL`, `NATS_CREDS`, `NATS_USER`,
+`NATS_PASSWORD`, `NATS_TOKEN`, `NATS_NKEY`, `NATS_CA`, `NATS_CERT`, `NATS_KEY`); the
+scheduler's own settings share the `NATS_CRON_` prefix. Flags override both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from nats_apscheduler.durations import parse_duration
+from nats_apscheduler.errors import SpecError
+
+LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
+
+
+@dataclass(frozen=True)
+class Connection:
+    """How to reach NATS; the secrets never appear in `repr` or logs."""
+
+    url: str = "nats://localhost:4222"
+    creds: str | None = None
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    nkey: str | None = None  # path of an NKey seed file
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    timeout: float = 5.0
+    name: str = "nats-cron"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Connection:
+        def get(key: str) -> str | None:
+            return environ.get(key) or None
+
+        return cls(
+            url=get("NATS_URL") or cls.url,
+            creds=get("NATS_CREDS"),
+            user=get("NATS_USER"),
+            password=get("NATS_PASSWORD"),
+            token=get("NATS_TOKEN"),
+            nkey=get("NATS_NKEY"),
+            tls_ca=get("NATS_CA"),
+            tls_cert=get("NATS_CERT"),
+            tls_key=get("NATS_KEY"),
+        )
+
+    def override(self, **changes: Any) -> Connection:
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @property
+    def safe_url(self) -> str:
+        return redact_url(self.url)
+
+
+def redact_url(url: str) -> str:
+    """`nats://user:pass@host:4222` -> `nats://***@host:4222` (every URL of a list)."""
+    out = []
+    for part in url.split(","):
+        try:
+            pieces = urlsplit(part.strip())
+        except ValueError:
+            out.append("<invalid url>")
+            continue
+        if "@" in pieces.netloc:
+            netloc = "***@" + pieces.netloc.rsplit("@", 1)[1]
+            pieces = pieces._replace(netloc=netloc)
+        out.append(urlunsplit(pieces))
+    return ",".join(out)
+
+
+def _duration(environ: Mapping[str, str], key: str, default: timedelta) -> timedelta:
+    text = environ.get(key)
+    if not text:
+        return default
+    value = parse_duration(text, key)
+    if value <= timedelta(0):
+        raise SpecError(key, f"{text!r} must be positive")
+    return value
+
+
+def _int(environ: Mapping[str, str], key: str, default: int, low: int = 1) -> int:
+    text = environ.get(key)
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise SpecError(key, f"{text!r} is not a whole number") from None
+    if value < low:
+        raise SpecError(key, f"must be at least {low}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything `nats-cron serve` is configured with."""
+
+    connection: Connection = field(default_factory=Connection)
+    log_level: str = "info"
+    instance_id: str = field(default_factory=socket.gethostname)
+    jobs_bucket: str = "nats-cron-jobs"
+    leader_bucket: str = "nats-cron-leader"
+    history_stream: str = "NATS_CRON_HISTORY"
+    replicas: int = 1
+    lease_ttl: timedelta = timedelta(seconds=3)
+    grace: timedelta = timedelta(hours=1)
+    min_interval: timedelta = timedelta(seconds=1)
+    history_depth: int = 100
+    metrics_port: int | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        level = (environ.get("LOG_LEVEL") or "info").lower()
+        if level not in LOG_LEVELS:
+            raise SpecError("LOG_LEVEL", f"{level!r} is not one of debug, info, warn, error")
+        metrics = environ.get("NATS_CRON_METRICS_PORT")
+        return cls(
+            connection=Connection.from_env(environ),
+            log_level=level,
+            instance_id=environ.get("INSTANCE_ID") or socket.gethostname(),
+            jobs_bucket=environ.get("NATS_CRON_JOBS_BUCKET") or cls.jobs_bucket,
+            leader_bucket=environ.get("NATS_CRON_LEADER_BUCKET") or cls.leader_bucket,
+            history_stream=environ.get("NATS_CRON_HISTORY_STREAM") or cls.history_stream,
+            replicas=_int(environ, "NATS_CRON_REPLICAS", 1),
+            lease_ttl=_duration(environ, "NATS_CRON_LEASE_TTL", cls.lease_ttl),
+            grace=_duration(environ, "NATS_CRON_GRACE", cls.grace),
+            min_interval=_duration(environ, "NATS_CRON_MIN_INTERVAL", cls.min_interval),
+            history_depth=_int(environ, "NATS_CRON_HISTORY_DEPTH", 100),
+            metrics_port=_int(environ, "NATS_CRON_METRICS_PORT", 0, low=0) if metrics else None,
+        )
+
+    def override(self, **changes: Any) -> Settings:
+        """A copy with the given non-None fields replaced (flags over environment)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def validate(self) -> Settings:
+        if self.lease_ttl < timedelta(seconds=1):
+            raise SpecError("lease_ttl", "must be at least 1s (the server's per-key TTL minimum)")
+        return self

@@ -1,8 +1,11 @@
-"""Standard (Vixie/robfig) cron expressions, translated onto APScheduler 3 triggers.
+"""Standard (Vixie/robfig) cron expressions as an APScheduler 3 trigger.
 
 APScheduler 3's `CronTrigger.from_crontab` numbers weekdays from Monday = 0, rejects `7`
-and `?`, and ANDs day-of-month with day-of-week. This module parses standard cron itself
-into explicit value sets and lets APScheduler's `CronTrigger` do only the calendar walk.
+and `?`, and ANDs day-of-month with day-of-week; its calendar walk (3.11.3) also skips
+the day after a spring-forward change for jobs at hour 0 (`0 0 * * *` in Europe/Berlin
+goes from 29 March to 31 March 2026). So this module parses standard cron into value
+sets and walks wall-clock time itself; `StandardCronTrigger` is a plain APScheduler
+`BaseTrigger`, so the scheduler and stores treat it like any other trigger.
 
 Semantics (robfig/cron v3, which is Vixie cron plus a seconds field):
 - fields `[second] minute hour day-of-month month day-of-week`; Sunday is 0 or 7;
@@ -19,13 +22,13 @@ Semantics (robfig/cron v3, which is Vixie cron plus a seconds field):
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, tzinfo
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 
 from apscheduler.triggers.base import BaseTrigger
-from apscheduler.triggers.cron import CronTrigger
 
 from nats_apscheduler.errors import SpecError
 
@@ -158,20 +161,77 @@ def parse_cron(expression: str, where: str = "schedule.cron") -> CronSpec:
     )
 
 
-def _join(values: frozenset[int], full: int) -> str:
-    return "*" if len(values) == full else ",".join(str(v) for v in sorted(values))
+_SECOND_STEP = timedelta(seconds=1)
+# The widest DST shift in the tz database is 2 h (and no zone has two within 6 h).
+_NEAR = timedelta(hours=3)
+# The longest gap between matching dates of a satisfiable expression is 8 years
+# (29 February across a non-leap century year).
+_MAX_YEARS = 12
 
 
-def _aps_weekdays(weekdays: frozenset[int]) -> str:
-    # APScheduler 3 numbers Monday as 0; standard cron numbers Sunday as 0.
-    return "*" if len(weekdays) == 7 else ",".join(str((d - 1) % 7) for d in sorted(weekdays))
+class _Walk:
+    """Finds matching wall-clock (naive) times of a `CronSpec`."""
+
+    def __init__(self, spec: CronSpec) -> None:
+        self.spec = spec
+        self.seconds = sorted(spec.seconds)
+        self.minutes = sorted(spec.minutes)
+        self.hours = sorted(spec.hours)
+        self.months = sorted(spec.months)
+        self.and_days = spec.days_star or spec.weekdays_star
+
+    def day_matches(self, value: datetime) -> bool:
+        dom = value.day in self.spec.days
+        dow = (value.weekday() + 1) % 7 in self.spec.weekdays
+        return (dom and dow) if self.and_days else (dom or dow)
+
+    def next_match(self, value: datetime) -> datetime | None:
+        """The first matching naive time at or after `value` (whole seconds)."""
+        if value.microsecond:
+            value = value.replace(microsecond=0) + _SECOND_STEP
+        limit = value.year + _MAX_YEARS
+        while value.year <= limit:
+            if value.month not in self.spec.months:
+                i = bisect_left(self.months, value.month)
+                if i < len(self.months):
+                    value = datetime(value.year, self.months[i], 1)
+                else:
+                    value = datetime(value.year + 1, self.months[0], 1)
+                continue
+            if not self.day_matches(value):
+                value = datetime(value.year, value.month, value.day) + timedelta(days=1)
+                continue
+            i = bisect_left(self.hours, value.hour)
+            if i == len(self.hours):
+                value = datetime(value.year, value.month, value.day) + timedelta(days=1)
+                continue
+            if self.hours[i] != value.hour:
+                value = value.replace(hour=self.hours[i], minute=0, second=0)
+            i = bisect_left(self.minutes, value.minute)
+            if i == len(self.minutes):
+                value = value.replace(minute=0, second=0) + timedelta(hours=1)
+                continue
+            if self.minutes[i] != value.minute:
+                value = value.replace(minute=self.minutes[i], second=0)
+            i = bisect_left(self.seconds, value.second)
+            if i == len(self.seconds):
+                value = value.replace(second=0) + timedelta(minutes=1)
+                continue
+            return value.replace(second=self.seconds[i])
+        return None
 
 
-def _is_repeated_wall_time(value: datetime) -> bool:
-    """True for the second occurrence of a wall time in a DST fall-back hour."""
-    if not value.fold:
-        return False
-    return value.replace(fold=0).utcoffset() != value.utcoffset()
+def _instants(naive: datetime, zone: tzinfo, both_folds: bool) -> list[datetime]:
+    """The real instants of a wall-clock time in `zone`.
+
+    A time in a spring-forward gap is shifted forward by the gap (RFC 5545); a time in
+    the repeated hour of a fall-back has two instants, the second only if `both_folds`.
+    """
+    first = naive.replace(tzinfo=zone, fold=0).astimezone(UTC)
+    second = naive.replace(tzinfo=zone, fold=1).astimezone(UTC)
+    if first == second or not both_folds:
+        return [first]
+    return [first, second] if first < second else [first]
 
 
 class StandardCronTrigger(BaseTrigger):  # type: ignore[misc]
@@ -180,7 +240,7 @@ class StandardCronTrigger(BaseTrigger):  # type: ignore[misc]
     Serialised by the job store as its expression, time zone, start and end.
     """
 
-    __slots__ = ("_triggers", "end_date", "expression", "spec", "start_date", "timezone")
+    __slots__ = ("_walk", "end_date", "expression", "spec", "start_date", "timezone")
 
     def __init__(
         self,
@@ -194,43 +254,53 @@ class StandardCronTrigger(BaseTrigger):  # type: ignore[misc]
         self.start_date = start_date
         self.end_date = end_date
         self.spec = parse_cron(expression)
-        self._triggers = self._build()
+        self._walk = _Walk(self.spec)
 
-    def _build(self) -> list[CronTrigger]:
-        spec = self.spec
-        common: dict[str, Any] = {
-            "second": _join(spec.seconds, 60),
-            "minute": _join(spec.minutes, 60),
-            "hour": _join(spec.hours, 24),
-            "month": _join(spec.months, 12),
-            "timezone": self.timezone,
-            "start_date": self.start_date,
-            "end_date": self.end_date,
-        }
-        days = _join(spec.days, 31)
-        weekdays = _aps_weekdays(spec.weekdays)
-        if spec.days_star or spec.weekdays_star:
-            return [CronTrigger(day=days, day_of_week=weekdays, **common)]
-        return [
-            CronTrigger(day=days, day_of_week="*", **common),
-            CronTrigger(day="*", day_of_week=weekdays, **common),
-        ]
-
-    def _next(self, previous: datetime | None, now: datetime) -> datetime | None:
-        times = [t.get_next_fire_time(previous, now) for t in self._triggers]
-        candidates = [t for t in times if t is not None]
-        return min(candidates) if candidates else None
+    def _next_after(self, after: datetime) -> datetime | None:
+        """The first fire instant strictly after `after` (aware)."""
+        zone = self.timezone
+        after = after.astimezone(UTC)
+        local = after.astimezone(zone).replace(tzinfo=None, fold=0)
+        both = self.spec.hours_star
+        shift = abs(
+            (after + _NEAR).astimezone(zone).utcoffset()
+            - (after - _NEAR).astimezone(zone).utcoffset()
+        )  # type: ignore[operator]
+        if not shift:
+            # No DST change near: wall-clock order is real-time order from here on.
+            candidate = self._walk.next_match(local + timedelta(microseconds=1))
+            while candidate is not None:
+                later = [t for t in _instants(candidate, zone, both) if t > after]
+                if later:
+                    return later[0]
+                candidate = self._walk.next_match(candidate + _SECOND_STEP)
+            return None
+        # Near a DST change wall-clock order and real-time order differ: look at every
+        # match from `shift` before to `shift` after, then keep the earliest instant.
+        best: datetime | None = None
+        candidate = self._walk.next_match(local - shift)
+        while candidate is not None:
+            for instant in _instants(candidate, zone, both):
+                if instant > after and (best is None or instant < best):
+                    best = instant
+            if best is not None and candidate > local + shift:
+                break
+            candidate = self._walk.next_match(candidate + _SECOND_STEP)
+        return best
 
     def get_next_fire_time(
         self, previous_fire_time: datetime | None, now: datetime
     ) -> datetime | None:
-        result = self._next(previous_fire_time, now)
-        # Fire a fixed-hour job once in the repeated hour of a DST fall-back.
-        while result is not None and not self.spec.hours_star and _is_repeated_wall_time(result):
-            result = self._next(result, result)
-        # A wall time in a spring-forward gap comes back with the pre-gap offset; show the
-        # real instant in the zone's real local time.
-        return None if result is None else result.astimezone(UTC).astimezone(self.timezone)
+        if previous_fire_time is not None:
+            after = previous_fire_time
+        else:
+            after = now - timedelta(microseconds=1)
+            if self.start_date is not None and self.start_date > now:
+                after = self.start_date - timedelta(microseconds=1)
+        result = self._next_after(after)
+        if result is None or (self.end_date is not None and result > self.end_date):
+            return None
+        return result.astimezone(self.timezone)
 
     def fire_times(self, now: datetime, count: int) -> Sequence[datetime]:
         """The next `count` fire times after `now` (for previews and tests)."""

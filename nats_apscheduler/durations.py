@@ -48,6 +48,8 @@ def parse_duration(text: str, where: str) -> timedelta:
         if total_ns > 2**63 - 1:
             raise SpecError(where, f"{original!r} overflows (max about 2562047h)")
         pos = match.end()
+    if 0 < total_ns < 1000:
+        raise SpecError(where, f"{original!r} is below the minimum duration of 1us")
     return sign * timedelta(microseconds=total_ns // 1000)
 
 

@@ -8,6 +8,8 @@ leader.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,13 +18,14 @@ from apscheduler.job import Job
 from apscheduler.jobstores.base import ConflictingIdError, JobLookupError
 from apscheduler.schedulers.base import BaseScheduler
 
-from nats_apscheduler.errors import NatsCronError, SpecError, StoreError, WriteConflict
+from nats_apscheduler.errors import NatsCronError, SpecError, WriteConflict
 from nats_apscheduler.fire import FIRE_REF, rfc3339
 from nats_apscheduler.spec import JobSpec, parse_job, validate_subject
 from nats_apscheduler.store import JetStreamJobStore
 
 EXECUTOR = "nats"
 JOBSTORE = "default"
+_ATTEMPTS = 5
 
 
 class NotFound(NatsCronError):
@@ -109,43 +112,49 @@ class JobManager:
             self._scheduler.add_job(FIRE_REF, **self._job_args(spec, now, state={}))
         except ConflictingIdError:
             raise Conflict(f"job {spec.subject!r} exists already (use update)") from None
-        await self._persist(spec.subject)
+        try:
+            await self._store.apersist(spec.subject)
+        except WriteConflict:
+            raise Conflict(f"job {spec.subject!r} was just created elsewhere") from None
         return spec
 
     async def update(self, document: Any) -> JobSpec:
         """Upsert. An unchanged schedule keeps its trigger and next run (and so its phase)."""
         spec = self.parse(document)
+        await self._retrying(spec.subject, lambda: self._apply_update(spec))
+        return spec
+
+    def _apply_update(self, spec: JobSpec) -> None:
         now = datetime.now(UTC)
         existing = self._store.lookup_job(spec.subject)
         if existing is None:
             self._scheduler.add_job(FIRE_REF, **self._job_args(spec, now, state={}))
-        else:
-            old_doc = existing.kwargs.get("job") or {}
-            same_schedule = old_doc.get("schedule") == spec.to_document()["schedule"]
-            args = self._job_args(spec, now, state=existing.kwargs.get("state") or {})
-            changes: dict[str, Any] = {
-                "kwargs": args["kwargs"],
-                "misfire_grace_time": args["misfire_grace_time"],
-            }
-            if not same_schedule:
-                changes["trigger"] = args["trigger"]
-            if spec.paused:
-                changes["next_run_time"] = None
-            elif not same_schedule or existing.next_run_time is None:
-                trigger = changes.get("trigger", existing.trigger)
-                changes["next_run_time"] = trigger.get_next_fire_time(None, now)
-            self._scheduler.modify_job(spec.subject, JOBSTORE, **changes)
-        await self._persist(spec.subject)
-        return spec
+            return
+        old_doc = existing.kwargs.get("job") or {}
+        same_schedule = old_doc.get("schedule") == spec.to_document()["schedule"]
+        args = self._job_args(spec, now, state=existing.kwargs.get("state") or {})
+        changes: dict[str, Any] = {
+            "kwargs": args["kwargs"],
+            "misfire_grace_time": args["misfire_grace_time"],
+        }
+        if not same_schedule:
+            changes["trigger"] = args["trigger"]
+        if spec.paused:
+            changes["next_run_time"] = None
+        elif not same_schedule or existing.next_run_time is None:
+            trigger = changes.get("trigger", existing.trigger)
+            changes["next_run_time"] = trigger.get_next_fire_time(None, now)
+        self._scheduler.modify_job(spec.subject, JOBSTORE, **changes)
 
     async def delete(self, subject: str) -> None:
         """Idempotent, as in the Go version."""
         validate_subject(subject, "subject")
-        try:
-            self._store.remove_job(subject)
-        except JobLookupError:
-            return
-        await self._persist(subject)
+
+        def remove() -> None:
+            with contextlib.suppress(JobLookupError):
+                self._store.remove_job(subject)
+
+        await self._retrying(subject, remove)
 
     async def delete_pattern(self, pattern: str) -> list[str]:
         validate_pattern(pattern)
@@ -160,31 +169,35 @@ class JobManager:
         return matched
 
     async def pause(self, subject: str) -> None:
-        job = self._job(subject)
-        doc = {**(job.kwargs.get("job") or {}), "paused": True}
-        self._scheduler.modify_job(
-            subject, JOBSTORE, next_run_time=None, kwargs={**job.kwargs, "job": doc}
-        )
-        await self._persist(subject)
+        def pause() -> None:
+            job = self._job(subject)
+            doc = {**(job.kwargs.get("job") or {}), "paused": True}
+            kwargs = {**job.kwargs, "job": doc}
+            self._scheduler.modify_job(subject, JOBSTORE, next_run_time=None, kwargs=kwargs)
+
+        await self._retrying(subject, pause)
 
     async def resume(self, subject: str) -> None:
-        job = self._job(subject)
-        doc = {**(job.kwargs.get("job") or {}), "paused": False}
-        now = datetime.now(UTC)
-        next_run = job.trigger.get_next_fire_time(None, now)
-        self._scheduler.modify_job(
-            subject, JOBSTORE, next_run_time=next_run, kwargs={**job.kwargs, "job": doc}
-        )
-        await self._persist(subject)
+        def resume() -> None:
+            job = self._job(subject)
+            doc = {**(job.kwargs.get("job") or {}), "paused": False}
+            kwargs = {**job.kwargs, "job": doc}
+            next_run = job.trigger.get_next_fire_time(None, datetime.now(UTC))
+            self._scheduler.modify_job(subject, JOBSTORE, next_run_time=next_run, kwargs=kwargs)
+
+        await self._retrying(subject, resume)
 
     async def trigger(self, subject: str) -> str:
         """Fire once now (by the leader), then carry on with the schedule."""
-        job = self._job(subject)
         now = datetime.now(UTC)
-        if job.next_run_time is None:
-            raise Conflict(f"job {subject!r} is paused; resume it first")
-        self._scheduler.modify_job(subject, JOBSTORE, next_run_time=now)
-        await self._persist(subject)
+
+        def trigger() -> None:
+            job = self._job(subject)
+            if job.next_run_time is None:
+                raise Conflict(f"job {subject!r} is paused; resume it first")
+            self._scheduler.modify_job(subject, JOBSTORE, next_run_time=now)
+
+        await self._retrying(subject, trigger)
         return rfc3339(now)
 
     # --- helpers -------------------------------------------------------------------------
@@ -214,10 +227,14 @@ class JobManager:
             args["next_run_time"] = None
         return args
 
-    async def _persist(self, subject: str) -> None:
-        try:
-            await self._store.apersist(subject)
-        except WriteConflict as exc:
-            raise Conflict(f"job {subject!r} was changed concurrently; retry") from exc
-        except StoreError:
-            raise
+    async def _retrying(self, subject: str, mutate: Callable[[], None]) -> None:
+        """Apply `mutate` and wait for its KV write; on a lost compare-and-set (usually the
+        leader recording a fire meanwhile) the store has reloaded the job: apply again."""
+        for _ in range(_ATTEMPTS):
+            mutate()
+            try:
+                await self._store.apersist(subject)
+                return
+            except WriteConflict:
+                continue
+        raise Conflict(f"job {subject!r} kept changing concurrently; retry")

@@ -29,6 +29,9 @@ SERVICE_PREFIX = "nats-cron"
 DEFAULT_MIN_INTERVAL = timedelta(seconds=1)
 MAX_SUBJECT_LENGTH = 256
 _TOKEN = re.compile(r"[-/_=a-zA-Z0-9]+")
+_RFC3339 = re.compile(
+    r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})?$"
+)
 _TZ_PREFIX = re.compile(r"^(CRON_TZ|TZ)=(\S*)(\s*)(.*)$", re.DOTALL)
 PayloadType = Literal["json", "text", "base64"]
 
@@ -48,6 +51,8 @@ def parse_timezone(name: str, where: str) -> tzinfo:
 
 def parse_time(text: str, where: str) -> datetime:
     """An RFC 3339 timestamp with an offset (`2026-01-02T03:04:05Z`)."""
+    if not _RFC3339.match(text):
+        raise SpecError(where, f"{text!r} is not an RFC 3339 timestamp (e.g. 2026-01-02T03:04:05Z)")
     try:
         value = datetime.fromisoformat(text)
     except ValueError as exc:

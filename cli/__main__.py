@@ -1,5 +1,5 @@
 """`python -m nats_cron_cli` runs the CLI (used by tests to start real processes)."""
 
-from nats_cron_cli.app import main
+from .app import main
 
 main()

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import typer
-from nats_cron_cli.serve import serve
 
 from nats_apscheduler import __version__
+
+from .serve import serve
 
 app = typer.Typer(
     name="nats-cron",

@@ -9,7 +9,16 @@ from datetime import timedelta
 from pathlib import Path
 
 import typer
-from nats_cron_cli.options import (
+
+from nats_apscheduler import __version__
+from nats_apscheduler.durations import parse_duration
+from nats_apscheduler.embedded import EmbeddedNatsServer
+from nats_apscheduler.errors import NatsCronError, SpecError
+from nats_apscheduler.logs import configure
+from nats_apscheduler.server import NatsCron
+from nats_apscheduler.settings import Settings
+
+from .options import (
     Creds,
     Nkey,
     Password,
@@ -21,14 +30,6 @@ from nats_cron_cli.options import (
     User,
     connection_from,
 )
-
-from nats_apscheduler import __version__
-from nats_apscheduler.durations import parse_duration
-from nats_apscheduler.embedded import EmbeddedNatsServer
-from nats_apscheduler.errors import NatsCronError, SpecError
-from nats_apscheduler.logs import configure
-from nats_apscheduler.server import NatsCron
-from nats_apscheduler.settings import Settings
 
 EXIT_FATAL = 1
 EXIT_CONFIG = 2
@@ -127,25 +128,26 @@ def serve(
         raise typer.Exit(EXIT_CONFIG) from None
     configure(settings.log_level, instance_id=settings.instance_id)
 
-    server: EmbeddedNatsServer | None = None
+    nats_server: EmbeddedNatsServer | None = None
     if embedded:
         directory = data_dir or default_data_dir()
         try:
-            server = EmbeddedNatsServer(directory, port=embedded_port).start()
+            nats_server = EmbeddedNatsServer(directory, port=embedded_port).start()
         except (RuntimeError, OSError) as exc:
             typer.echo(f"error: could not start the embedded nats-server: {exc}", err=True)
             raise typer.Exit(EXIT_FATAL) from None
-        settings = settings.override(connection=settings.connection.override(url=server.url))
+        url = nats_server.url
+        settings = settings.override(connection=settings.connection.override(url=url))
         typer.echo(
-            f"embedded nats-server with JetStream on {server.url} (data in {directory})\n"
-            f"connect with: NATS_URL={server.url} nats-cron status",
+            f"embedded nats-server with JetStream on {url} (data in {directory})\n"
+            f"connect with: NATS_URL={url} nats-cron status",
             err=True,
         )
     try:
         code = asyncio.run(_run(settings))
     finally:
-        if server is not None:
-            server.stop()
+        if nats_server is not None:
+            nats_server.stop()
     raise typer.Exit(code)
 
 

@@ -11,6 +11,8 @@ from nats.aio.client import Client
 
 from nats_apscheduler.errors import NatsCronError
 
+Documents = list[dict[str, Any]]  # aliased: the method `list` shadows the builtin
+
 
 class ApiError(NatsCronError):
     """The service answered with an error (`code` is its HTTP-like status)."""
@@ -53,7 +55,7 @@ class CronClient:
             raise ApiError(500, str(reply["error"]))
         return reply
 
-    async def list(self) -> list[dict[str, Any]]:
+    async def list(self) -> Documents:
         reply = await self.request("nats-cron.jobs.list")
         return list(reply["jobs"])
 
@@ -88,10 +90,10 @@ class CronClient:
     async def status(self) -> dict[str, Any]:
         return dict(await self.request("nats-cron.status"))
 
-    async def discover(self, verb: str = "PING", wait: float = 0.5) -> list[dict[str, Any]]:
+    async def discover(self, verb: str = "PING", wait: float = 0.5) -> Documents:
         """Scatter-gather `$SRV.<verb>.nats-cron`: one reply per running instance."""
         inbox = f"_INBOX.{secrets.token_hex(8)}"
-        replies: list[dict[str, Any]] = []
+        replies: Documents = []
         sub = await self._nc.subscribe(inbox)
         try:
             await self._nc.publish(f"$SRV.{verb}.nats-cron", b"", reply=inbox)

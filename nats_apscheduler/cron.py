@@ -221,6 +221,10 @@ class _Walk:
         return None
 
 
+def _offset(instant: datetime, zone: tzinfo) -> timedelta:
+    return instant.astimezone(zone).utcoffset() or timedelta(0)
+
+
 def _instants(naive: datetime, zone: tzinfo, both_folds: bool) -> list[datetime]:
     """The real instants of a wall-clock time in `zone`.
 
@@ -262,10 +266,7 @@ class StandardCronTrigger(BaseTrigger):  # type: ignore[misc]
         after = after.astimezone(UTC)
         local = after.astimezone(zone).replace(tzinfo=None, fold=0)
         both = self.spec.hours_star
-        shift = abs(
-            (after + _NEAR).astimezone(zone).utcoffset()
-            - (after - _NEAR).astimezone(zone).utcoffset()
-        )  # type: ignore[operator]
+        shift = abs(_offset(after + _NEAR, zone) - _offset(after - _NEAR, zone))
         if not shift:
             # No DST change near: wall-clock order is real-time order from here on.
             candidate = self._walk.next_match(local + timedelta(microseconds=1))

@@ -236,9 +236,10 @@ class Election:
         except nats.js.errors.NotFoundError:
             return 0, None
         headers = msg.headers or {}
+        revision = int(msg.seq or 0)
         if headers.get("KV-Operation") in ("DEL", "PURGE") or "Nats-Marker-Reason" in headers:
-            return int(msg.seq), None
-        return int(msg.seq), _decode(msg.data)
+            return revision, None
+        return revision, _decode(msg.data)
 
     async def _refresh(self) -> None:
         sent = self._clock()

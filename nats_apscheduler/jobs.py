@@ -26,6 +26,9 @@ from nats_apscheduler.store import JetStreamJobStore
 EXECUTOR = "nats"
 JOBSTORE = "default"
 _ATTEMPTS = 5
+# Aliases: the method `JobManager.list` shadows the builtin inside the class.
+Documents = list[dict[str, Any]]
+Subjects = list[str]
 
 
 class NotFound(NatsCronError):
@@ -76,7 +79,7 @@ class JobManager:
 
     # --- reads ---------------------------------------------------------------------------
 
-    def list(self) -> list[dict[str, Any]]:
+    def list(self) -> Documents:
         return [self.describe(job) for job in self._store.get_all_jobs()]
 
     def get(self, subject: str) -> dict[str, Any]:
@@ -156,7 +159,7 @@ class JobManager:
 
         await self._retrying(subject, remove)
 
-    async def delete_pattern(self, pattern: str) -> list[str]:
+    async def delete_pattern(self, pattern: str) -> Subjects:
         validate_pattern(pattern)
         ids = [job.id for job in self._store.get_all_jobs()] + list(self._store.skipped_records())
         matched = sorted(i for i in ids if subject_matches(pattern, i))

@@ -383,7 +383,7 @@ def _parse_job(
 
     spec = JobSpec(
         subject=subject,
-        payload_type=kind,  # type: ignore[arg-type]
+        payload_type=kind,
         payload_data=data,
         every=every,
         every_text=sched.every,

@@ -424,7 +424,7 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
                 if changed and self._loaded.is_set() and not entry.delta:
                     self._wakeup_scheduler()
         finally:
-            await watcher.stop()
+            await watcher.stop()  # type: ignore[no-untyped-call]
 
     def _on_entry(
         self, job_id: str, value: bytes | None, revision: int, operation: str | None

@@ -92,8 +92,13 @@ async def test_sigkill_failover_catches_up_and_keeps_phase(procs, api, recorder,
     killed_at = time.time()
     leader.signal(signal.SIGKILL)
     old_epoch = recorder.fires[-1].epoch
-    await recorder.wait(lambda fires: any(f.epoch != old_epoch for f in fires) and len(
-        [f for f in fires if f.epoch != old_epoch]) >= 2, timeout=TTL + 8)
+    await recorder.wait(
+        lambda fires: (
+            any(f.epoch != old_epoch for f in fires)
+            and len([f for f in fires if f.epoch != old_epoch]) >= 2
+        ),
+        timeout=TTL + 8,
+    )
     new = [f for f in recorder.fires if f.epoch != old_epoch]
     assert new[0].instance != leader.instance_id
     failover = new[0].received - killed_at
@@ -104,7 +109,9 @@ async def test_sigkill_failover_catches_up_and_keeps_phase(procs, api, recorder,
     # had passed when the new leader won.
     won = max(
         datetime.fromisoformat(line["time"]).timestamp()
-        for p in procs if p is not leader for line in p.find("won the lease")
+        for p in procs
+        if p is not leader
+        for line in p.find("won the lease")
     )
     last_old = max(f.scheduled.timestamp() for f in recorder.fires if f.epoch == old_epoch)
     first_new = new[0].scheduled.timestamp()
@@ -121,9 +128,7 @@ async def test_sigterm_hands_over_without_waiting_for_the_ttl(procs, api, record
     assert await leader.wait_exit() == 0
     released = datetime.fromisoformat(leader.find("released the lease")[0]["time"])
     others = [p for p in procs if p is not leader]
-    won = await asyncio.wait_for(
-        asyncio.gather(*(_first_win(p) for p in others)), timeout=TTL + 5
-    )
+    won = await asyncio.wait_for(asyncio.gather(*(_first_win(p) for p in others)), timeout=TTL + 5)
     winners = [w for w in won if w is not None]
     assert len(winners) == 1
     handover = (winners[0] - released).total_seconds()
@@ -146,7 +151,9 @@ async def test_frozen_leader_never_fires_a_slot_the_new_leader_owns(procs, api, 
     await recorder.wait(lambda fires: len(fires) >= 1)
     leader.signal(signal.SIGSTOP)
     frozen_epoch = recorder.fires[-1].epoch
-    await recorder.wait(lambda fires: sum(f.epoch != frozen_epoch for f in fires) >= 2, timeout=TTL + 8)
+    await recorder.wait(
+        lambda fires: sum(f.epoch != frozen_epoch for f in fires) >= 2, timeout=TTL + 8
+    )
     thawed_at = time.time()
     leader.signal(signal.SIGCONT)
     # Let the thawed process run into its due slots; it must notice it is fenced.
@@ -193,13 +200,31 @@ async def test_follower_changes_reach_the_leader(procs, api, recorder, bucket, n
 
 async def test_bad_input_never_crashes_an_instance(procs, api, bucket):
     await ready(procs, api)
-    bad_bodies = [b"", b"{", b"[]", b"null", b'"x"', b"123", b'{"subject": 5}',
-                  b'{"target": {"subject": "a.*"}, "schedule": {"every": "1s"}}',
-                  b'{"target": {"subject": "x"}, "schedule": {"cron": "TZ=Europe/Berlin"}}',
-                  b'{"target": {"subject": "x"}, "schedule": {"every": "0s"}}',
-                  b'{"pattern": ""}', "{\"subject\": \"\u00e9\u00e9\"}".encode()]
-    endpoints = ["create", "update", "get", "delete", "delete.pattern", "pause", "resume",
-                 "trigger", "history"]
+    bad_bodies = [
+        b"",
+        b"{",
+        b"[]",
+        b"null",
+        b'"x"',
+        b"123",
+        b'{"subject": 5}',
+        b'{"target": {"subject": "a.*"}, "schedule": {"every": "1s"}}',
+        b'{"target": {"subject": "x"}, "schedule": {"cron": "TZ=Europe/Berlin"}}',
+        b'{"target": {"subject": "x"}, "schedule": {"every": "0s"}}',
+        b'{"pattern": ""}',
+        '{"subject": "\u00e9\u00e9"}'.encode(),
+    ]
+    endpoints = [
+        "create",
+        "update",
+        "get",
+        "delete",
+        "delete.pattern",
+        "pause",
+        "resume",
+        "trigger",
+        "history",
+    ]
     for endpoint in endpoints:
         for body in bad_bodies:
             msg = await api._nc.request(f"nats-cron.jobs.{endpoint}", body, timeout=5)

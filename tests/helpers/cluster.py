@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -42,10 +43,8 @@ class ServeProcess:
         for line in self.proc.stderr:
             with self._cond:
                 self.raw.append(line)
-                try:
+                with contextlib.suppress(ValueError):  # a non-JSON line (e.g. a traceback)
                     self.lines.append(json.loads(line))
-                except ValueError:
-                    pass
                 self._cond.notify_all()
         with self._cond:
             self._cond.notify_all()
@@ -69,7 +68,9 @@ class ServeProcess:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or (self.proc.poll() is not None and not found):
                     tail = "".join(self.raw[-15:])
-                    raise TimeoutError(f"{self.instance_id}: no {msg!r} x{count}; log tail:\n{tail}")
+                    raise TimeoutError(
+                        f"{self.instance_id}: no {msg!r} x{count}; log tail:\n{tail}"
+                    )
                 self._cond.wait(min(remaining, 0.2))
 
     async def await_log(self, msg: str, count: int = 1, timeout: float = 15.0) -> dict[str, Any]:
@@ -137,8 +138,12 @@ class FireRecorder:
         try:
             await asyncio.wait_for(check(), timeout)
         except TimeoutError:
-            summary = [(f.subject, f.instance, f.epoch, f.scheduled.isoformat()) for f in self.fires[-10:]]
-            raise AssertionError(f"condition not met within {timeout}s; last fires: {summary}") from None
+            summary = [
+                (f.subject, f.instance, f.epoch, f.scheduled.isoformat()) for f in self.fires[-10:]
+            ]
+            raise AssertionError(
+                f"condition not met within {timeout}s; last fires: {summary}"
+            ) from None
 
     def duplicates(self) -> list[str]:
         seen: dict[str, int] = {}

@@ -112,7 +112,7 @@ class Settings:
     leader_bucket: str = "nats-cron-leader"
     history_stream: str = "NATS_CRON_HISTORY"
     replicas: int = 1
-    lease_ttl: timedelta = timedelta(seconds=3)
+    lease_ttl: timedelta = timedelta(seconds=2)
     grace: timedelta = timedelta(hours=1)
     min_interval: timedelta = timedelta(seconds=1)
     history_depth: int = 100

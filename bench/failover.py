@@ -30,9 +30,9 @@ import nats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nats_apscheduler.client import CronClient  # noqa: E402
-from nats_apscheduler.embedded import EmbeddedNatsServer  # noqa: E402
-from tests.helpers.cluster import FireRecorder, ServeProcess  # noqa: E402
+from nats_apscheduler.client import CronClient
+from nats_apscheduler.embedded import EmbeddedNatsServer
+from tests.helpers.cluster import FireRecorder, ServeProcess
 
 
 def env_for(url: str, name: str) -> dict[str, str]:
@@ -70,10 +70,12 @@ async def takeover(url: str, name: str, sig: int) -> float:
         leader.signal(sig)
         if sig == signal.SIGTERM:
             others = [p for p in procs if p is not leader]
-            wins = await asyncio.gather(*(p.await_log("won the lease", timeout=5) for p in others),
-                                        return_exceptions=True)
-            won = min(datetime.fromisoformat(w["time"]).timestamp() for w in wins
-                      if isinstance(w, dict))
+            wins = await asyncio.gather(
+                *(p.await_log("won the lease", timeout=5) for p in others), return_exceptions=True
+            )
+            won = min(
+                datetime.fromisoformat(w["time"]).timestamp() for w in wins if isinstance(w, dict)
+            )
             return won - at
         await recorder.wait(lambda fires: any(f.epoch != epoch for f in fires), timeout=15)
         first = next(f for f in recorder.fires if f.epoch != epoch)

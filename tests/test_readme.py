@@ -1,0 +1,65 @@
+"""The README's examples, run as written (only the server URL and names substituted)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from nats_apscheduler.embedded import EmbeddedNatsServer
+from nats_apscheduler.store import JetStreamJobStore
+from tests.helpers.cluster import ServeProcess
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def block_after(marker: str) -> str:
+    match = re.search(re.escape(marker) + r".*?```python\n(.*?)```", README, re.DOTALL)
+    assert match, f"no python block after {marker!r}"
+    return match.group(1)
+
+
+def run(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code], env={**env}, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_plugin_example_persists_its_job(nats_url: str, bucket: str) -> None:
+    import os
+
+    code = block_after("<!-- plugin-example").replace('"my-app-jobs"', f'"{bucket}"')
+    env = {**os.environ, "NATS_URL": nats_url}
+    for _ in range(2):  # the second run replaces the job (replace_existing=True)
+        result = run(code, env)
+        assert result.returncode == 0, result.stderr
+        assert "['tick']" in result.stdout
+    # `tick` lived in the example's __main__; bind its reference to a stand-in here.
+    store = JetStreamJobStore(bucket=bucket, url=nats_url, functions={"__main__:tick": print})
+    scheduler = BackgroundScheduler(timezone="UTC")
+    scheduler.add_jobstore(store)
+    scheduler.start(paused=True)
+    try:
+        job = store.lookup_job("tick")
+        assert job is not None and job.next_run_time is not None
+        assert job.trigger.interval.total_seconds() == 30
+    finally:
+        scheduler.shutdown()
+
+
+def test_first_job_example_against_a_running_service(fresh_server: EmbeddedNatsServer) -> None:
+    import os
+
+    code = block_after("## A first job").replace("nats://127.0.0.1:4222", fresh_server.url)
+    service = ServeProcess("readme", {"NATS_URL": fresh_server.url})
+    try:
+        service.wait_for("won the lease")
+        result = run(code, dict(os.environ))
+        assert result.returncode == 0, result.stderr
+        assert "greeting" in result.stdout and "Nats-Msg-Id" in result.stdout
+        assert "'is_leader'" in result.stdout
+    finally:
+        service.stop()

@@ -99,6 +99,7 @@ class NatsCron:
         self.store = JetStreamJobStore(
             bucket=s.jobs_bucket, replicas=s.replicas, nc=nc, functions=(FIRE_REF,)
         )
+        self.store.on_failure = lambda exc: self._fail(f"job store failed: {exc}")
         await self.store.open()
         self.history = History(nc, s.history_stream, s.history_depth, s.replicas)
         await self.history.ensure()
@@ -216,8 +217,11 @@ class NatsCron:
             self.election.connection_restored()
 
     async def _on_closed(self) -> None:
-        if not self._stopped:
-            self.fatal_reason = "NATS connection closed for good"
+        self._fail("NATS connection closed for good")
+
+    def _fail(self, reason: str) -> None:
+        if not self._stopped and not self._fatal.is_set():
+            self.fatal_reason = reason
             self._fatal.set()
 
     async def _on_error(self, exc: Exception) -> None:

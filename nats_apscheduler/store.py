@@ -32,6 +32,8 @@ unless someone removes that job id explicitly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -56,7 +58,11 @@ from nats_apscheduler.errors import RecordError, StoreError, WriteConflict
 DEFAULT_BUCKET = "nats-cron-jobs"
 FIRE_REF = "nats_apscheduler.fire:fire"
 _DELETE = None  # a queued op of None means "delete the key"
+_MISSING = object()
+# Valid KV keys (nats-py's own rule): no leading or trailing dot.
+_KEY = re.compile(r"^[-/_=\.a-zA-Z0-9]+$")
 _KV_OP = "KV-Operation"
+_RETRY_MIN, _RETRY_MAX = 0.05, 2.0  # seconds between write retries while NATS is away
 
 
 class _Resolver:
@@ -132,14 +138,18 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
         self._skipped: dict[str, str] = {}  # job id -> why its record is not loaded
         self._stale: dict[str, Job] = {}  # job id -> object replaced by a remote change
         self._queue: dict[str, bytes | None] = {}
-        self._inflight: set[str] = set()
+        self._inflight: dict[str, bytes | None] = {}  # job id -> the write in flight
         self._kick_pending = False
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._flushers: list[asyncio.Future[None]] = []
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
         self._loaded: asyncio.Event | None = None
         self._opened = False
+        self._closing = False
+        #: Called (on the loop) if the watch or writer task dies; the service exits on it.
+        self.on_failure: Callable[[BaseException], None] | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -147,6 +157,7 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
         """Connect (if needed), create/bind the bucket and load every job. Idempotent."""
         if self._opened:
             return
+        self._closing = False
         loop = asyncio.get_running_loop()
         if self._bridge is None:
             self._bridge = LoopBridge(loop)
@@ -158,12 +169,20 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
         except nats.js.errors.BucketNotFoundError:
             config = KeyValueConfig(bucket=self.bucket, replicas=self.replicas, direct=True)
             self._kv = await js.create_key_value(config)
+        with self._lock:  # a reopened store reloads everything from the watch
+            self.writer_id = uuid.uuid4().hex  # ...including what it wrote itself before
+            self._index = MemoryJobStore()
+            self._revisions.clear()
+            self._skipped.clear()
+            self._stale.clear()
         self._wake = asyncio.Event()
         self._loaded = asyncio.Event()
         self._tasks = [
             loop.create_task(self._watch(), name=f"jobstore-watch-{self.bucket}"),
             loop.create_task(self._writer(), name=f"jobstore-writer-{self.bucket}"),
         ]
+        for task in self._tasks:
+            task.add_done_callback(self._task_done)
         loaded = loop.create_task(self._loaded.wait())
         done, _ = await asyncio.wait(
             [loaded, self._tasks[0]], timeout=self._timeout, return_when=asyncio.FIRST_COMPLETED
@@ -180,6 +199,14 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
         logger.bind(bucket=self.bucket).debug(
             "job store loaded {} jobs", len(self._index.get_all_jobs())
         )
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if self._closing or task.cancelled():
+            return
+        exc = task.exception() or StoreError(f"{task.get_name()} ended unexpectedly")
+        logger.bind(bucket=self.bucket).opt(exception=exc).error("job store task died: {}", exc)
+        if self.on_failure is not None:
+            self.on_failure(exc)
 
     def start(self, scheduler: Any, alias: str) -> None:
         super().start(scheduler, alias)
@@ -204,15 +231,21 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
         try:
             self._bridge.call(self.aclose(), self._timeout + 5, "JetStreamJobStore.shutdown()")
         finally:
-            self._bridge.stop()
+            if self._bridge.owns_loop:
+                self._bridge.stop()
+                self._bridge = None  # a later start() runs a new loop
+            if self._own_nc:
+                self._nc = None  # ... and a new connection
 
     async def aclose(self) -> None:
         """Flush queued writes (bounded by the timeout), stop the tasks, close our connection."""
+        self._closing = True
         if self._tasks and not self._tasks[1].done():
             try:
                 await asyncio.wait_for(self.aflush(), self._timeout)
             except TimeoutError:
-                logger.warning("job store closed with {} unwritten changes", len(self._queue))
+                pending = len(set(self._queue) | set(self._inflight))
+                logger.warning("job store closed with {} unwritten changes", pending)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -249,6 +282,16 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
     # --- writes: index now, KV through the writer --------------------------------------------
 
     def add_job(self, job: Job) -> None:
+        if (
+            not isinstance(job.id, str)
+            or not _KEY.match(job.id)
+            or job.id[0] == "."
+            or job.id[-1] == "."
+        ):
+            raise ValueError(
+                f"job id {job.id!r} is not a valid KV key (letters, digits and - / _ = . only, "
+                "no leading or trailing dot)"
+            )
         if not self._resolver.allowed(job.func_ref or ""):
             raise ValueError(f"function {job.func_ref!r} is not on the store's allow-list")
         data = encode_job(job, self.writer_id)
@@ -260,7 +303,26 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
             self._enqueue(job.id, data)
 
     def update_job(self, job: Job) -> None:
-        data = encode_job(job, self.writer_id)
+        try:
+            data = encode_job(job, self.writer_id)
+        except ValueError:
+            # APScheduler already changed this Job object in place: take it out of the
+            # index so it can never run in that state, and reload the stored version.
+            with self._lock:
+                if self._index.lookup_job(job.id) is job:
+                    self._index.remove_job(job.id)
+                    self._stale[job.id] = job
+                # The last accepted version: still queued, in flight, or else in KV.
+                last = self._queue.get(job.id, self._inflight.get(job.id))
+                if last is not None:
+                    self._apply(job.id, last)
+                    raise
+            if self._bridge is not None and not self._bridge.in_loop_thread():
+                with contextlib.suppress(TimeoutError, StoreError):
+                    self._bridge.call(self._resync(job.id), self._timeout, "reloading a job")
+            elif self._bridge is not None:
+                self._spawn_resync(job.id)  # cannot wait on the loop's own thread
+            raise
         with self._lock:
             if self._stale.get(job.id) is job:
                 # The scheduler still held the copy a remote change replaced: that change wins.
@@ -321,6 +383,7 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
 
     async def _writer(self) -> None:
         assert self._wake is not None
+        backoff = _RETRY_MIN
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -329,7 +392,12 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
                 batch, self._queue = self._queue, {}
                 self._inflight.update(batch)
             if batch:
-                await asyncio.gather(*(self._write(k, v) for k, v in batch.items()))
+                results = await asyncio.gather(*(self._write(k, v) for k, v in batch.items()))
+                if all(results):
+                    backoff = _RETRY_MIN
+                else:  # NATS unreachable: retry the failed keys, backing off
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, _RETRY_MAX)
             with self._lock:
                 idle = not self._queue
                 flushers = self._flushers if idle else []
@@ -341,9 +409,11 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
                 if not future.done():
                     future.set_result(None)
 
-    async def _write(self, job_id: str, data: bytes | None) -> None:
+    async def _write(self, job_id: str, data: bytes | None) -> bool:
+        """One compare-and-set write; False if it must be retried (transport error)."""
         assert self._kv is not None and self._nc is not None
         error: BaseException | None = None
+        retry = False
         with self._lock:
             last = self._revisions.get(job_id)
         try:
@@ -360,6 +430,9 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
                 revision = await self._kv.update(job_id, data, last=last)
                 with self._lock:
                     self._revisions[job_id] = max(revision, self._revisions.get(job_id, 0))
+        except nats.js.errors.InvalidKeyError as exc:
+            error = StoreError(f"job id {job_id!r} is not a valid KV key")
+            logger.bind(job_id=job_id).error("cannot store job: {}", exc)
         except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError) as exc:
             error = WriteConflict(f"job {job_id!r} was changed by another writer")
             logger.bind(job_id=job_id).info(
@@ -371,9 +444,10 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
             logger.bind(job_id=job_id).error("writing job failed: {}", exc)
             with self._lock:  # retry later unless something newer is queued
                 self._queue.setdefault(job_id, data)
+            retry = True
         finally:
             with self._lock:
-                self._inflight.discard(job_id)
+                self._inflight.pop(job_id, None)
                 waiters = self._waiters.pop(job_id, []) if job_id not in self._queue else []
         for future in waiters:
             if not future.done():
@@ -381,6 +455,7 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
                     future.set_result(None)
                 else:
                     future.set_exception(error)
+        return not retry
 
     async def _delete(self, job_id: str, last: int) -> int:
         # kv.delete() does not return the revision of its marker; publish it ourselves.
@@ -390,6 +465,11 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
             f"$KV.{self.bucket}.{job_id}", b"", headers=headers
         )
         return int(ack.seq)
+
+    def _spawn_resync(self, job_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._resync(job_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _resync(self, job_id: str) -> None:
         """After a lost race, make the local copy what KV holds now."""
@@ -405,7 +485,7 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
             return
         with self._lock:
             self._revisions[job_id] = max(revision or 0, self._revisions.get(job_id, 0))
-            self._queue.pop(job_id, None)
+            self._drop_queued(job_id)
             self._apply(job_id, None if deleted else value)
         self._wakeup_scheduler()
 
@@ -436,13 +516,27 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
             if revision <= known:
                 return False  # our own write (acknowledged already) or older
             self._revisions[job_id] = revision
-            if job_id in self._inflight and (deleted or _is_own(value, self.writer_id)):
-                return False  # the echo of our own write, ahead of its ack
+            if deleted and job_id in self._inflight and self._inflight[job_id] is _DELETE:
+                return False  # the echo of our own delete, ahead of its ack
             if not deleted and _is_own(value, self.writer_id):
-                return False
-            self._queue.pop(job_id, None)  # local changes were based on an older version
+                return False  # the echo of our own write
+            self._drop_queued(job_id)  # local changes were based on an older version
             self._apply(job_id, None if deleted else value)
             return True
+
+    def _drop_queued(self, job_id: str) -> None:
+        """Discard a queued write that a newer remote version overtook. Holds the lock."""
+        if self._queue.pop(job_id, _MISSING) is _MISSING:
+            return
+        if job_id in self._inflight:
+            return  # its waiters are answered when the in-flight write ends
+        error = WriteConflict(f"job {job_id!r} was changed by another writer")
+        for future in self._waiters.pop(job_id, []):
+            self._bridge_resolve(future, error)
+
+    def _bridge_resolve(self, future: asyncio.Future[None], error: BaseException) -> None:
+        if self._bridge is not None and not future.done():
+            self._bridge.soon(_set_exception, future, error)
 
     def _apply(self, job_id: str, value: bytes | None) -> None:
         """Replace the local copy of `job_id` with KV's (None: deleted). Holds the lock."""
@@ -480,6 +574,11 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
 
     def __repr__(self) -> str:
         return f"<JetStreamJobStore (bucket={self.bucket!r})>"
+
+
+def _set_exception(future: asyncio.Future[None], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
 
 
 def _is_own(value: bytes | None, writer_id: str) -> bool:

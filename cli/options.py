@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from nats_apscheduler.settings import Connection
+from nats_apscheduler import Connection
 
 Server = Annotated[str | None, typer.Option("--server", "-s", help="NATS URL(s) (env NATS_URL).")]
 Creds = Annotated[Path | None, typer.Option(help="Credentials file (env NATS_CREDS).")]

@@ -10,13 +10,16 @@ from pathlib import Path
 
 import typer
 
-from nats_apscheduler import __version__
-from nats_apscheduler.durations import parse_duration
-from nats_apscheduler.embedded import EmbeddedNatsServer
-from nats_apscheduler.errors import NatsCronError, SpecError
-from nats_apscheduler.logs import configure
-from nats_apscheduler.server import NatsCron
-from nats_apscheduler.settings import Settings
+from nats_apscheduler import (
+    EmbeddedNatsServer,
+    NatsCron,
+    NatsCronError,
+    Settings,
+    SpecError,
+    __version__,
+    parse_duration,
+)
+from nats_apscheduler import configure_logging as configure
 
 from .options import (
     Creds,

@@ -1,11 +1,23 @@
-"""nats-cron: a distributed cron scheduler for NATS built on APScheduler 3 and JetStream KV."""
+"""nats-cron: a distributed cron scheduler for NATS built on APScheduler 3 and JetStream KV.
+
+The public API, used by the CLI and by applications that embed the scheduler or use the
+job store as an APScheduler plugin.
+"""
 
 from importlib.metadata import PackageNotFoundError, version
 
 from loguru import logger
 
+from nats_apscheduler.client import ApiError, CronClient, NoService
+from nats_apscheduler.connection import connect
 from nats_apscheduler.cron import StandardCronTrigger, parse_cron
+from nats_apscheduler.durations import format_duration, parse_duration
+from nats_apscheduler.embedded import EmbeddedNatsServer
 from nats_apscheduler.errors import NatsCronError, SpecError, StoreError, WriteConflict
+from nats_apscheduler.jobs import subject_matches
+from nats_apscheduler.logs import configure as configure_logging
+from nats_apscheduler.server import NatsCron
+from nats_apscheduler.settings import Connection, Settings, redact_url
 from nats_apscheduler.spec import EveryTrigger, JobSpec, parse_job
 from nats_apscheduler.store import JetStreamJobStore
 
@@ -18,15 +30,28 @@ except PackageNotFoundError:  # running from a source tree
 logger.disable("nats_apscheduler")
 
 __all__ = [
+    "ApiError",
+    "Connection",
+    "CronClient",
+    "EmbeddedNatsServer",
     "EveryTrigger",
     "JetStreamJobStore",
     "JobSpec",
+    "NatsCron",
     "NatsCronError",
+    "NoService",
+    "Settings",
     "SpecError",
     "StandardCronTrigger",
     "StoreError",
     "WriteConflict",
     "__version__",
+    "configure_logging",
+    "connect",
+    "format_duration",
     "parse_cron",
+    "parse_duration",
     "parse_job",
+    "redact_url",
+    "subject_matches",
 ]

@@ -1,0 +1,92 @@
+"""Human output (rich tables) and stable JSON output for scripts."""
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console(highlight=False, soft_wrap=False)
+
+
+def print_json(data: Any) -> None:
+    """Stable for scripts: indented, keys in a fixed order, always valid JSON on stdout."""
+    print(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False))
+
+
+def parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        return None
+
+
+def relative(when: datetime | None, now: datetime | None = None) -> str:
+    """`in 4m 10s` / `2h 3m ago`."""
+    if when is None:
+        return "-"
+    now = now or datetime.now(UTC)
+    seconds = round((when - now).total_seconds())
+    future = seconds >= 0
+    seconds = abs(seconds)
+    parts: list[str] = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size or (unit == "s" and not parts):
+            parts.append(f"{seconds // size}{unit}")
+            seconds %= size
+        if len(parts) == 2:
+            break
+    text = " ".join(parts)
+    return f"in {text}" if future else f"{text} ago"
+
+
+def when(text: str | None) -> str:
+    moment = parse_time(text)
+    if moment is None:
+        return "-"
+    return f"{relative(moment)} ({moment.astimezone(UTC).strftime('%Y-%m-%d %H:%M:%S')}Z)"
+
+
+def schedule_text(job: dict[str, Any]) -> str:
+    schedule = job.get("schedule") or {}
+    if "every" in schedule:
+        text = f"every {schedule['every']}"
+    elif "cron" in schedule:
+        zone = schedule.get("timezone", "UTC")
+        text = schedule["cron"] + ("" if zone == "UTC" else f" ({zone})")
+    elif "at" in schedule:
+        text = f"at {schedule['at']}"
+    else:
+        text = "?"
+    if schedule.get("jitter"):
+        text += f" ±{schedule['jitter']}"
+    return text
+
+
+def jobs_table(jobs: list[dict[str, Any]]) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("SUBJECT", "SCHEDULE", "NEXT RUN", "LAST RUN", "RUNS", "PAUSED", "LAST ERROR"):
+        table.add_column(column, overflow="fold")
+    for job in jobs:
+        table.add_row(
+            job.get("target", {}).get("subject", "?"),
+            schedule_text(job),
+            when(job.get("next_run")),
+            when(job.get("last_run")),
+            str(job.get("run_count", 0)),
+            "yes" if job.get("paused") else "no",
+            job.get("last_error") or "-",
+        )
+    return table
+
+
+def key_values(rows: list[tuple[str, Any]]) -> Table:
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for key, value in rows:
+        table.add_row(key, "-" if value is None or value == "" else str(value))
+    return table

@@ -90,6 +90,13 @@ def serve(
     history_depth: int | None = typer.Option(
         None, help="Runs kept per job (env NATS_CRON_HISTORY_DEPTH)."
     ),
+    metrics_port: int | None = typer.Option(
+        None,
+        help="Serve /metrics, /healthz and /readyz on this port (env NATS_CRON_METRICS_PORT).",
+    ),
+    metrics_host: str | None = typer.Option(
+        None, help="Address of the metrics endpoint (env NATS_CRON_METRICS_HOST, default 0.0.0.0)."
+    ),
     embedded: bool = typer.Option(
         False, "--embedded", help="Start a local nats-server with JetStream too."
     ),
@@ -117,6 +124,8 @@ def serve(
             grace=_duration(grace, "--grace"),
             min_interval=_duration(min_interval, "--min-interval"),
             history_depth=history_depth,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
         )
         connection = connection_from(
             os.environ, server, creds, user, password, token, nkey, tls_ca, tls_cert, tls_key

@@ -90,12 +90,19 @@ class Election:
         self._tasks: list[asyncio.Task[None]] = []
         self._expiry: asyncio.TimerHandle | None = None
         self.transitions = 0
+        self.refresh_failures = 0
+        self.won_at: datetime | None = None  # wall clock, for "caught up" accounting
 
     # --- public ------------------------------------------------------------------------------
 
     def is_leader_now(self) -> bool:
         """The fence: true only if this instance provably holds the lease at this moment."""
         return self._holding and self._nc.is_connected and self._clock() < self._deadline
+
+    @property
+    def running(self) -> bool:
+        """True while the campaign and watch tasks run."""
+        return bool(self._tasks) and all(not task.done() for task in self._tasks)
 
     def lease_remaining(self) -> float:
         return max(0.0, self._deadline - self._clock()) if self._holding else 0.0
@@ -247,11 +254,13 @@ class Election:
         try:
             revision = await self._put(self._value(self.epoch), self._revision, timeout)
         except nats.js.errors.APIError as exc:
+            self.refresh_failures += 1
             if exc.err_code in _WRONG_LAST:
                 self._lose("lease taken over or expired")
                 return
             logger.warning("lease refresh failed: {}", exc)
         except (nats.errors.Error, TimeoutError) as exc:
+            self.refresh_failures += 1
             logger.warning("lease refresh failed: {}", exc)
         else:
             self._revision = revision
@@ -276,6 +285,7 @@ class Election:
         self._revision = revision
         self.epoch = revision
         self._holding = True
+        self.won_at = datetime.now(UTC)
         self._set_deadline(sent + self.ttl - self.margin)
         self.leader = LeaderInfo(self.instance_id, self.since or _now(), revision)
         self.transitions += 1

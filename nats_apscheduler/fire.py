@@ -132,7 +132,8 @@ class Firer:
         epoch: Callable[[], int],
         persist: Callable[[Job], None],
         history: History | None = None,
-        on_fire: Callable[[str, str, float], None] | None = None,
+        on_fire: Callable[[str, str, float, bool], None] | None = None,
+        leading_since: Callable[[], datetime | None] = lambda: None,
     ) -> None:
         self._nc = nc
         self.instance_id = instance_id
@@ -141,6 +142,7 @@ class Firer:
         self._persist = persist
         self._history = history
         self._on_fire = on_fire
+        self._leading_since = leading_since
         self._specs: dict[str, tuple[Any, JobSpec]] = {}
         self.in_flight = 0
 
@@ -194,7 +196,9 @@ class Firer:
         self._record(job, slot, actual, error)
         lateness = (actual - slot).total_seconds()
         if self._on_fire is not None:
-            self._on_fire(spec.subject, "error" if error else "fired", lateness)
+            since = self._leading_since()
+            caught_up = since is not None and slot < since
+            self._on_fire(spec.subject, "error" if error else "fired", lateness, caught_up)
         if self._history is not None:
             record = {
                 "subject": spec.subject,
@@ -234,9 +238,10 @@ class Firer:
 class FireExecutor(BaseExecutor):  # type: ignore[misc]
     """APScheduler executor for nats-cron jobs, on the scheduler's asyncio loop."""
 
-    def __init__(self, firer: Firer) -> None:
+    def __init__(self, firer: Firer, on_missed: Callable[[str], None] | None = None) -> None:
         super().__init__()
         self._firer = firer
+        self._on_missed = on_missed
         self._tasks: set[asyncio.Task[None]] = set()
 
     def start(self, scheduler: Any, alias: str) -> None:
@@ -267,6 +272,8 @@ class FireExecutor(BaseExecutor):  # type: ignore[misc]
                     seconds=job.misfire_grace_time
                 ):
                     events.append(JobExecutionEvent(EVENT_JOB_MISSED, job.id, alias, run_time))
+                    if self._on_missed is not None:
+                        self._on_missed(job.id)
                     logger.bind(job_id=job.id).warning(
                         "skipping slot {} (missed by {}, past its grace window)",
                         rfc3339(run_time),

@@ -30,6 +30,7 @@ from nats_apscheduler.election import Election
 from nats_apscheduler.errors import NatsCronError
 from nats_apscheduler.fire import FIRE_REF, FireExecutor, Firer, History, rfc3339
 from nats_apscheduler.jobs import EXECUTOR, JOBSTORE, JobManager, Limits
+from nats_apscheduler.observe import HttpEndpoint, Metrics, State
 from nats_apscheduler.service import SERVICE_NAME, CronService
 from nats_apscheduler.settings import Settings
 from nats_apscheduler.store import JetStreamJobStore
@@ -78,6 +79,8 @@ class NatsCron:
         self.history: History
         self.jobs: JobManager
         self.service: CronService
+        self.metrics: Metrics
+        self.http: HttpEndpoint | None = None
 
     @property
     def nc(self) -> Client:
@@ -112,6 +115,16 @@ class NatsCron:
             on_won=self._on_won,
             on_lost=self._on_lost,
         )
+        self.metrics = Metrics(
+            State(
+                is_leader=self.election.is_leader_now,
+                jobs=lambda: len(self.store.get_all_jobs()),
+                leader_changes=lambda: self.election.transitions,
+                refresh_failures=lambda: self.election.refresh_failures,
+                connected=lambda: nc.is_connected,
+                ready=self._ready,
+            )
+        )
         self.firer = Firer(
             nc,
             s.instance_id,
@@ -119,8 +132,10 @@ class NatsCron:
             epoch=lambda: self.election.epoch,
             persist=self._persist,
             history=self.history,
+            on_fire=self.metrics.on_fire,
+            leading_since=lambda: self.election.won_at,
         )
-        self.executor = FireExecutor(self.firer)
+        self.executor = FireExecutor(self.firer, on_missed=self.metrics.on_missed)
         self.scheduler = FencedScheduler(self.election.is_leader_now, timezone=UTC)
         self.scheduler.add_jobstore(self.store, JOBSTORE)
         self.scheduler.add_executor(self.executor, EXECUTOR)
@@ -131,9 +146,18 @@ class NatsCron:
             Limits(min_interval=s.min_interval, max_payload=nc.max_payload, grace=s.grace),
         )
         self.service = CronService(
-            nc, self.version, s.instance_id, self.jobs, self.status, self.history
+            nc,
+            self.version,
+            s.instance_id,
+            self.jobs,
+            self.status,
+            self.history,
+            on_request=self.metrics.on_request,
         )
         await self.service.start()
+        if s.metrics_port is not None:
+            self.http = HttpEndpoint(self.metrics, s.metrics_host, s.metrics_port)
+            await self.http.start()
         self.started_at = datetime.now(UTC)
         self._started_mono = time.monotonic()
         await self.election.start()
@@ -160,6 +184,8 @@ class NatsCron:
             await self.service.stop()
         if hasattr(self, "scheduler") and self.scheduler.running:
             self.scheduler.shutdown(wait=False)
+        if self.http is not None:
+            await self.http.stop()
         if hasattr(self, "store"):
             await self.store.aclose()
         if self._own_nc and self._nc is not None and not self._nc.is_closed:
@@ -173,6 +199,9 @@ class NatsCron:
         """Return when the instance cannot go on (connection closed for good)."""
         await self._fatal.wait()
         return self.fatal_reason or "fatal error"
+
+    def _ready(self) -> bool:
+        return not self._stopped and self.store.loaded and self.election.running
 
     def status(self) -> dict[str, Any]:
         leader = self.election.leader

@@ -116,7 +116,8 @@ class Settings:
     grace: timedelta = timedelta(hours=1)
     min_interval: timedelta = timedelta(seconds=1)
     history_depth: int = 100
-    metrics_port: int | None = None
+    metrics_port: int | None = None  # None: no metrics/health endpoint
+    metrics_host: str = "0.0.0.0"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -137,6 +138,7 @@ class Settings:
             min_interval=_duration(environ, "NATS_CRON_MIN_INTERVAL", cls.min_interval),
             history_depth=_int(environ, "NATS_CRON_HISTORY_DEPTH", 100),
             metrics_port=_int(environ, "NATS_CRON_METRICS_PORT", 0, low=0) if metrics else None,
+            metrics_host=environ.get("NATS_CRON_METRICS_HOST") or cls.metrics_host,
         )
 
     def override(self, **changes: Any) -> Settings:

@@ -274,6 +274,11 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
         self._fix_paused_jobs_sorting(jobs)
         return jobs
 
+    @property
+    def loaded(self) -> bool:
+        """True once the initial load is done and the watch and writer run."""
+        return self._opened and all(not task.done() for task in self._tasks)
+
     def skipped_records(self) -> dict[str, str]:
         """Job ids whose KV records were not loaded, with the reason."""
         with self._lock:

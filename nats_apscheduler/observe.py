@@ -1,0 +1,169 @@
+"""Prometheus metrics and the `/healthz` and `/readyz` endpoints of one instance.
+
+`Metrics` owns a registry per instance (so several instances can share a process, as in
+tests). Event counts are recorded as they happen; state (leadership, jobs, lease refresh
+failures) is read at scrape time through callables. `HttpEndpoint` serves `/metrics`,
+`/healthz` (the event loop answers and NATS is connected) and `/readyz` (the store is
+loaded and the election runs) from the instance's own event loop: if the loop hangs, the
+probes fail, which is what an orchestrator should see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from loguru import logger
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+LATENESS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60)
+
+
+@dataclass
+class State:
+    """Live values read at scrape time."""
+
+    is_leader: Callable[[], bool]
+    jobs: Callable[[], int]
+    leader_changes: Callable[[], int]
+    refresh_failures: Callable[[], int]
+    connected: Callable[[], bool]
+    ready: Callable[[], bool]
+
+
+class _StateCollector(Collector):
+    def __init__(self, state: State) -> None:
+        self._state = state
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._state
+        yield GaugeMetricFamily("nats_cron_is_leader", "1 if this instance leads", s.is_leader())
+        yield GaugeMetricFamily("nats_cron_jobs", "Jobs in the store", s.jobs())
+        yield CounterMetricFamily(
+            "nats_cron_leader_changes",
+            "Leadership won or lost by this instance",
+            s.leader_changes(),
+        )
+        yield CounterMetricFamily(
+            "nats_cron_lease_refresh_failures", "Failed lease refreshes", s.refresh_failures()
+        )
+        yield GaugeMetricFamily("nats_cron_nats_connected", "1 if connected", s.connected())
+
+
+class Metrics:
+    def __init__(self, state: State) -> None:
+        self.state = state
+        self.registry = CollectorRegistry()
+        self.fires = Counter(
+            "nats_cron_fires",
+            "Fires by job and outcome",
+            ["subject", "outcome"],
+            registry=self.registry,
+        )
+        self.lateness = Histogram(
+            "nats_cron_fire_lateness_seconds",
+            "Publish time minus scheduled time",
+            buckets=LATENESS_BUCKETS,
+            registry=self.registry,
+        )
+        self.missed = Counter(
+            "nats_cron_missed_slots",
+            "Slots skipped as older than their grace window",
+            ["subject"],
+            registry=self.registry,
+        )
+        self.caught_up = Counter(
+            "nats_cron_caught_up_slots",
+            "Missed slots fired late after a takeover or restart",
+            ["subject"],
+            registry=self.registry,
+        )
+        self.publish_errors = Counter(
+            "nats_cron_publish_errors", "Fires whose publish failed", registry=self.registry
+        )
+        self.api_requests = Counter(
+            "nats_cron_api_requests",
+            "API requests by endpoint and reply code",
+            ["endpoint", "code"],
+            registry=self.registry,
+        )
+        self.registry.register(_StateCollector(state))
+
+    def on_fire(self, subject: str, outcome: str, lateness: float, caught_up: bool) -> None:
+        self.fires.labels(subject, outcome).inc()
+        if outcome == "error":
+            self.publish_errors.inc()
+        else:
+            self.lateness.observe(max(0.0, lateness))
+        if caught_up:
+            self.caught_up.labels(subject).inc()
+
+    def on_missed(self, subject: str) -> None:
+        self.missed.labels(subject).inc()
+
+    def on_request(self, endpoint: str, code: int) -> None:
+        self.api_requests.labels(endpoint, str(code)).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class HttpEndpoint:
+    """A minimal HTTP/1.1 server on the instance's loop: /metrics, /healthz, /readyz."""
+
+    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
+        self._metrics = metrics
+        self.host = host
+        self.port = port
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        logger.info("metrics and health on http://{}:{}/metrics", self.host, self.port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readline(), 5)
+            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+                pass  # headers are not needed
+            parts = request.decode("latin-1").split()
+            path = parts[1].split("?")[0] if len(parts) >= 2 else ""
+            status, body, kind = self._route(path)
+            head = (
+                f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            )
+            writer.write(head.encode() + body)
+            await writer.drain()
+        except (TimeoutError, ConnectionError, UnicodeDecodeError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    def _route(self, path: str) -> tuple[str, bytes, str]:
+        state = self._metrics.state
+        text = "text/plain; charset=utf-8"
+        if path == "/metrics":
+            return "200 OK", self._metrics.exposition(), "text/plain; version=0.0.4; charset=utf-8"
+        if path == "/healthz":
+            if state.connected():
+                return "200 OK", b"ok\n", text
+            return "503 Service Unavailable", b"NATS connection lost\n", text
+        if path == "/readyz":
+            if state.connected() and state.ready():
+                return "200 OK", b"ready\n", text
+            return "503 Service Unavailable", b"not ready\n", text
+        return "404 Not Found", b"not found\n", text

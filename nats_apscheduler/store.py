@@ -148,6 +148,7 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
         self._loaded: asyncio.Event | None = None
         self._opened = False
         self._closing = False
+        self._applied = 0  # watched entries handled (load progress)
         #: Called (on the loop) if the watch or writer task dies; the service exits on it.
         self.on_failure: Callable[[BaseException], None] | None = None
 
@@ -183,18 +184,22 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
         ]
         for task in self._tasks:
             task.add_done_callback(self._task_done)
+        watch = self._tasks[0]
         loaded = loop.create_task(self._loaded.wait())
-        done, _ = await asyncio.wait(
-            [loaded, self._tasks[0]], timeout=self._timeout, return_when=asyncio.FIRST_COMPLETED
-        )
-        if loaded not in done:
+        seen = -1
+        # A large bucket takes a while: give up only when the load stops making progress.
+        while not loaded.done() and not watch.done() and self._applied != seen:
+            seen = self._applied
+            await asyncio.wait(
+                [loaded, watch], timeout=self._timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        if not loaded.done():
             loaded.cancel()
+            failure = watch.exception() if watch.done() and not watch.cancelled() else None
             await self.aclose()
-            if self._tasks and self._tasks[0].done() and self._tasks[0].exception():
-                raise StoreError(f"watching bucket {self.bucket!r} failed") from self._tasks[
-                    0
-                ].exception()
-            raise StoreError(f"loading bucket {self.bucket!r} timed out after {self._timeout}s")
+            if failure is not None:
+                raise StoreError(f"watching bucket {self.bucket!r} failed: {failure}") from failure
+            raise StoreError(f"loading bucket {self.bucket!r} stalled for {self._timeout}s")
         self._opened = True
         logger.bind(bucket=self.bucket).debug(
             "job store loaded {} jobs", len(self._index.get_all_jobs())
@@ -226,7 +231,9 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
             return
         if self._bridge.in_loop_thread():
             # Cannot wait here; the application awaits aclose() to flush.
-            self._bridge.loop.create_task(self.aclose())
+            task = self._bridge.loop.create_task(self.aclose())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
             return
         try:
             self._bridge.call(self.aclose(), self._timeout + 5, "JetStreamJobStore.shutdown()")
@@ -516,6 +523,7 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
     ) -> bool:
         """Apply one watched KV entry; True if the local view changed."""
         deleted = operation in ("DEL", "PURGE") or value is None
+        self._applied += 1
         with self._lock:
             known = self._revisions.get(job_id, 0)
             if revision <= known:

@@ -9,6 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import typer
+from loguru import logger
 
 from nats_apscheduler import (
     EmbeddedNatsServer,
@@ -169,23 +170,25 @@ async def _run(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    try:
-        await cron.start()
-    except Exception as exc:  # report why, exit non-zero; the orchestrator restarts us
-        from loguru import logger
-
+    stopping = loop.create_task(stop.wait())
+    starting = loop.create_task(cron.start())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():  # SIGTERM while connecting: give up cleanly
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        await cron.stop()
+        return 0
+    if starting.exception() is not None:  # report why; the orchestrator restarts us
+        exc = starting.exception()
         logger.error("could not start: {}: {}", type(exc).__name__, exc)
         await cron.stop()
         return EXIT_FATAL
-    stopping = loop.create_task(stop.wait())
     fatal = loop.create_task(cron.wait_fatal())
     done, pending = await asyncio.wait({stopping, fatal}, return_when=asyncio.FIRST_COMPLETED)
     for task in pending:
         task.cancel()
     await cron.stop()
     if fatal in done:
-        from loguru import logger
-
         logger.error("exiting: {}", cron.fatal_reason)
         return EXIT_FATAL
     return 0

@@ -136,12 +136,15 @@ class Election:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         if self._holding and release and self._nc.is_connected:
-            revision = self._revision
             self._lose("released")
             try:
-                headers = {"KV-Operation": "DEL", _EXPECTED_LAST: str(revision)}
-                await self._js.publish(self._subject, b"", headers=headers, timeout=2)
-                logger.info("released the lease")
+                # A refresh cancelled above may have landed: delete at the key's current
+                # revision, if the lease is still ours.
+                revision, holder = await self._current()
+                if holder is not None and holder.get("token") == self._token:
+                    headers = {"KV-Operation": "DEL", _EXPECTED_LAST: str(revision)}
+                    await self._js.publish(self._subject, b"", headers=headers, timeout=2)
+                    logger.bind(instance_id=self.instance_id).info("released the lease")
             except (nats.errors.Error, TimeoutError) as exc:
                 logger.warning("could not release the lease: {}", exc)
         elif self._holding:
@@ -175,10 +178,14 @@ class Election:
 
     async def _run(self) -> None:
         while not self._stopping:
+            # Clear before acting, not before waiting: a change seen while campaigning
+            # (a release landing mid-read) must still wake the next wait at once.
+            self._changed.clear()
             try:
                 if self._holding:
                     await self._refresh()
-                    await self._wait(self.ttl / 3)
+                    # Not woken by changes: the watch also echoes our own refreshes.
+                    await asyncio.sleep(self.ttl / 3)
                 else:
                     await self._campaign()
                     if not self._holding:
@@ -192,7 +199,6 @@ class Election:
                 await self._wait(min(1.0, self.ttl / 3))
 
     async def _wait(self, seconds: float) -> None:
-        self._changed.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), seconds)
 

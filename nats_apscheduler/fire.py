@@ -107,10 +107,10 @@ class History:
         records: list[dict[str, Any]] = []
         try:
             info = await sub.consumer_info()
-            pending = info.num_pending or 0
-            while pending > 0:
+            # Some messages may already sit in our queue: count delivered plus pending.
+            delivered = info.delivered.consumer_seq if info.delivered else 0
+            for _ in range((delivered or 0) + (info.num_pending or 0)):
                 msg = await sub.next_msg(timeout=2)
-                pending = msg.metadata.num_pending or 0
                 try:
                     records.append(json.loads(msg.data))
                 except ValueError:

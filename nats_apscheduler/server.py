@@ -91,13 +91,17 @@ class NatsCron:
         s = self.settings
         log = logger.bind(instance_id=s.instance_id)
         if self._nc is None:
+            # First connect without nats-py's reconnect loop, so that a wrong password
+            # fails at once instead of after 60 retries; reconnects are wanted afterwards.
             self._nc = await connect(
                 s.connection,
                 error_cb=self._on_error,
                 disconnected_cb=self._on_disconnected,
                 reconnected_cb=self._on_reconnected,
                 closed_cb=self._on_closed,
+                allow_reconnect=False,
             )
+            self._nc.options["allow_reconnect"] = True
         nc = self._nc
         self.store = JetStreamJobStore(
             bucket=s.jobs_bucket, replicas=s.replicas, nc=nc, functions=(FIRE_REF,)

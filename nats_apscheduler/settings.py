@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from nats_apscheduler.durations import parse_duration
 from nats_apscheduler.errors import SpecError
@@ -61,20 +60,25 @@ class Connection:
     def safe_url(self) -> str:
         return redact_url(self.url)
 
+    def __repr__(self) -> str:
+        return (
+            f"Connection(url={self.safe_url!r}, creds={self.creds!r}, user={self.user!r}, "
+            f"nkey={self.nkey!r}, tls_ca={self.tls_ca!r}, tls_cert={self.tls_cert!r}, "
+            f"tls_key={self.tls_key!r}, timeout={self.timeout!r}, name={self.name!r})"
+        )
+
 
 def redact_url(url: str) -> str:
     """`nats://user:pass@host:4222` -> `nats://***@host:4222` (every URL of a list)."""
     out = []
     for part in url.split(","):
-        try:
-            pieces = urlsplit(part.strip())
-        except ValueError:
-            out.append("<invalid url>")
-            continue
-        if "@" in pieces.netloc:
-            netloc = "***@" + pieces.netloc.rsplit("@", 1)[1]
-            pieces = pieces._replace(netloc=netloc)
-        out.append(urlunsplit(pieces))
+        part = part.strip()
+        scheme, sep, rest = part.rpartition("://")
+        # Userinfo ends at the last "@" before the path; nats-py also takes "user:pw@host".
+        authority, slash, path = rest.partition("/")
+        if "@" in authority:
+            authority = "***@" + authority.rsplit("@", 1)[1]
+        out.append(f"{scheme}{sep}{authority}{slash}{path}")
     return ",".join(out)
 
 
@@ -148,4 +152,6 @@ class Settings:
     def validate(self) -> Settings:
         if self.lease_ttl < timedelta(seconds=1):
             raise SpecError("lease_ttl", "must be at least 1s (the server's per-key TTL minimum)")
+        if self.lease_ttl % timedelta(seconds=1):
+            raise SpecError("lease_ttl", "must be whole seconds (the server's per-key TTL unit)")
         return self

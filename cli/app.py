@@ -57,4 +57,4 @@ app.command("next")(offline.next_times)
 
 
 def main() -> None:
-    app()
+    app(prog_name="nats-cron")

@@ -12,7 +12,7 @@ import typer
 from nats_apscheduler import CronClient, subject_matches
 
 from .output import console, jobs_table, key_values, print_json, relative
-from .runner import EXIT_USAGE, Net, call, fail, networked
+from .runner import EXIT_UNAVAILABLE, EXIT_USAGE, Net, call, fail, networked
 
 JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON (stable, for scripts).")]
 Subject = Annotated[str, typer.Argument(help="The job's subject (its id).", show_default=False)]
@@ -239,7 +239,16 @@ def delete(
         if not confirmed:
             typer.echo("nothing deleted")
             return
-    reply = call(net, lambda api: api.delete_pattern(target))
+
+        async def delete_shown(api: CronClient) -> dict[str, Any]:
+            # Exactly what was shown: a job added since the question is left alone.
+            for subject in matches:
+                await api.delete(subject)
+            return {"count": len(matches), "deleted": matches}
+
+        reply = call(net, delete_shown)
+    else:
+        reply = call(net, lambda api: api.delete_pattern(target))
     if json_out:
         print_json(reply)
     else:
@@ -391,11 +400,11 @@ def instances(json_out: JsonOut = False, *, net: Net) -> None:
         return sorted(out, key=lambda i: (i["role"] != "leader", i["instance_id"]))
 
     found = call(net, gather)
+    if not found:
+        raise fail("no nats-cron instance answered discovery", EXIT_UNAVAILABLE)
     if json_out:
         print_json({"instances": found})
         return
-    if not found:
-        raise fail("no nats-cron instance answered discovery", 4)
     from rich.table import Table
 
     table = Table(box=None, header_style="bold", pad_edge=False)

@@ -1,13 +1,15 @@
 """Human output (rich tables) and stable JSON output for scripts."""
 
 import json
+import sys
 from datetime import UTC, datetime
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-console = Console(highlight=False, soft_wrap=False)
+# Piped output keeps one row per line (rich would wrap at 80 columns).
+console = Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 240)
 
 
 def print_json(data: Any) -> None:

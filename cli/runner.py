@@ -222,6 +222,8 @@ async def _call(net: Net, action: Callable[[CronClient], Coroutine[Any, Any, T]]
     failed.cancel()
     if not connecting.done() or connecting.exception() is not None:
         connecting.cancel()
+        if any("authorization violation" in str(e).lower() for e in errors):
+            raise _Denied(f"{net.connection.safe_url} rejected the credentials")
         cause = (
             errors[-1]
             if errors
@@ -239,6 +241,7 @@ async def _call(net: Net, action: Callable[[CronClient], Coroutine[Any, Any, T]]
         done, _ = await asyncio.wait(racers, return_when=asyncio.FIRST_COMPLETED)
         if task not in done:
             task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
             raise _Denied(denied.result())
         return task.result()
     finally:

@@ -28,6 +28,7 @@ from nats_apscheduler.errors import SpecError
 SERVICE_PREFIX = "nats-cron"
 DEFAULT_MIN_INTERVAL = timedelta(seconds=1)
 MAX_SUBJECT_LENGTH = 256
+HEADER_RESERVE = 512  # bytes kept free for the headers of a fire
 _TOKEN = re.compile(r"[-/_=a-zA-Z0-9]+")
 _RFC3339 = re.compile(
     r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})?$"
@@ -258,7 +259,9 @@ def _normalise(document: Any) -> Any:
     return doc
 
 
-def _payload(raw: _Payload | None, max_payload: int | None) -> tuple[Any, str | None, bytes | None]:
+def _payload(
+    raw: _Payload | None, room: int | None, max_payload: int | None
+) -> tuple[Any, str | None, bytes | None]:
     if raw is None:
         return None, None, None
     kind, data = raw.type, raw.data
@@ -286,9 +289,11 @@ def _payload(raw: _Payload | None, max_payload: int | None) -> tuple[Any, str | 
             body = data.encode("utf-8")
         except UnicodeEncodeError as exc:
             raise SpecError("payload.data", "is not valid UTF-8 text") from exc
-    if max_payload is not None and len(body) > max_payload:
+    if room is not None and len(body) > room:
         raise SpecError(
-            "payload.data", f"is {len(body)} bytes, over the server's max_payload of {max_payload}"
+            "payload.data",
+            f"is {len(body)} bytes; with the fire headers it exceeds the server's max_payload "
+            f"of {max_payload} (at most {max(room, 0)} bytes fit)",
         )
     return kind, data, body
 
@@ -333,7 +338,10 @@ def _parse_job(
 ) -> JobSpec:
     doc = _Document.model_validate(_normalise(document))
     subject = validate_subject(doc.target.subject)
-    kind, data, body = _payload(doc.payload, max_payload)
+    # A fire adds the Nats-Cron-* headers (about 2x the subject plus ~300 bytes) to the
+    # body, and the whole message must fit the server's max_payload.
+    room = None if max_payload is None else max_payload - HEADER_RESERVE - 2 * len(subject)
+    kind, data, body = _payload(doc.payload, room, max_payload)
     sched = doc.schedule
     given = [name for name in ("every", "cron", "at") if getattr(sched, name) is not None]
     if len(given) != 1:

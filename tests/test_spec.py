@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from nats_apscheduler.errors import SpecError
 from nats_apscheduler.spec import (
+    HEADER_RESERVE,
     EveryTrigger,
     JobSpec,
     parse_duration,
@@ -160,8 +161,13 @@ def test_missing_target_and_schedule() -> None:
 
 @pytest.mark.parametrize(
     "schedule",
-    [{}, {"every": "1m", "cron": "* * * * *"}, {"cron": "* * * * *", "at": "2030-01-01T00:00:00Z"},
-     {"every": "1m", "at": "2030-01-01T00:00:00Z"}, {"timezone": "UTC"}],
+    [
+        {},
+        {"every": "1m", "cron": "* * * * *"},
+        {"cron": "* * * * *", "at": "2030-01-01T00:00:00Z"},
+        {"every": "1m", "at": "2030-01-01T00:00:00Z"},
+        {"timezone": "UTC"},
+    ],
 )
 def test_exactly_one_schedule_kind(schedule: dict[str, Any]) -> None:
     error = spec_error(doc(schedule))
@@ -174,8 +180,11 @@ def test_exactly_one_schedule_kind(schedule: dict[str, Any]) -> None:
         doc(foo=1),
         doc({"cron": "* * * * *", "foo": 1}),
         {"target": {"subject": "a.b", "foo": 1}, "schedule": {"every": "1m"}},
-        {"target": {"subject": "a.b"}, "payload": {"data": "x", "foo": 1},
-         "schedule": {"every": "1m"}},
+        {
+            "target": {"subject": "a.b"},
+            "payload": {"data": "x", "foo": 1},
+            "schedule": {"every": "1m"},
+        },
         {"subject": "a.b", "schedule": {"every": "1m"}, "foo": 1},
     ],
 )
@@ -201,8 +210,11 @@ def test_typo_field_rejected() -> None:
         doc({"cron": "* * * * *"}, paused="true"),
         doc({"cron": "* * * * *", "jitter": 5}),
         {"target": {"subject": "a.b"}, "payload": "hello", "schedule": {"every": "1m"}},
-        {"target": {"subject": "a.b"}, "payload": {"type": 1, "data": "x"},
-         "schedule": {"every": "1m"}},
+        {
+            "target": {"subject": "a.b"},
+            "payload": {"type": 1, "data": "x"},
+            "schedule": {"every": "1m"},
+        },
     ],
 )
 def test_wrong_types_rejected(document: dict[str, Any]) -> None:
@@ -255,8 +267,10 @@ def with_payload(payload: Any) -> dict[str, Any]:
         ({"type": "text", "data": "héllo wörld ✓ 日本"}, "héllo wörld ✓ 日本".encode()),
         ({"type": "text", "data": "{not json"}, b"{not json"),
         ({"type": "base64", "data": "aGVsbG8="}, b"hello"),
-        ({"type": "base64", "data": base64.b64encode(bytes(range(256))).decode()},
-         bytes(range(256))),
+        (
+            {"type": "base64", "data": base64.b64encode(bytes(range(256))).decode()},
+            bytes(range(256)),
+        ),
         ({"data": '{"verbatim":1}'}, b'{"verbatim":1}'),
         ({"data": "plain words, not JSON"}, b"plain words, not JSON"),
         ({"data": "ünïcode"}, "ünïcode".encode()),
@@ -321,25 +335,28 @@ def test_ulid_of_a_fire_time_in_another_zone() -> None:
 
 
 def test_max_payload_enforced_on_bytes() -> None:
+    """The body plus the fire's headers must fit: HEADER_RESERVE + 2 x subject is kept free."""
+    subject = with_payload({"data": "x"})["target"]["subject"]
+    reserve = HEADER_RESERVE + 2 * len(subject)
     text = with_payload({"type": "text", "data": "x" * 100})
-    assert parse(text, max_payload=100).payload(NOW) == b"x" * 100
-    error = spec_error(text, max_payload=99)
+    assert parse(text, max_payload=100 + reserve).payload(NOW) == b"x" * 100
+    error = spec_error(text, max_payload=99 + reserve)
     assert str(error).startswith("payload.data")
-    assert "max_payload" in str(error) and "99" in str(error)
+    assert "max_payload" in str(error) and str(99 + reserve) in str(error)
     # Counted in bytes after encoding: 50 x "é" is 100 UTF-8 bytes.
     unicode = with_payload({"type": "text", "data": "é" * 50})
-    parse(unicode, max_payload=100)
-    spec_error(unicode, max_payload=99)
+    parse(unicode, max_payload=100 + reserve)
+    spec_error(unicode, max_payload=99 + reserve)
     # base64 counts the decoded bytes.
     b64 = with_payload({"type": "base64", "data": "aGVsbG8="})
-    parse(b64, max_payload=5)
-    spec_error(b64, max_payload=4)
+    parse(b64, max_payload=5 + reserve)
+    spec_error(b64, max_payload=4 + reserve)
     json_doc = with_payload({"type": "json", "data": '{"a":1}'})
-    parse(json_doc, max_payload=7)
-    spec_error(json_doc, max_payload=6)
+    parse(json_doc, max_payload=7 + reserve)
+    spec_error(json_doc, max_payload=6 + reserve)
     untyped = with_payload({"data": "abc"})
-    parse(untyped, max_payload=3)
-    spec_error(untyped, max_payload=2)
+    parse(untyped, max_payload=3 + reserve)
+    spec_error(untyped, max_payload=2 + reserve)
 
 
 # --- subjects -----------------------------------------------------------------------------
@@ -457,8 +474,31 @@ def test_every_unit_d_rejected_with_exact_message() -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "5", "s", "abc", "1w", "5 s", " 5s", "5s ", "1H", "1S", "1hour", "1sec", "1.2.3s",
-     "1h-1m", "1m30", "--1s", "+-1s", "1e3s", "1,5h", ".s", "1h 30m", "٣s", "99999999999999999h"],
+    [
+        "",
+        "5",
+        "s",
+        "abc",
+        "1w",
+        "5 s",
+        " 5s",
+        "5s ",
+        "1H",
+        "1S",
+        "1hour",
+        "1sec",
+        "1.2.3s",
+        "1h-1m",
+        "1m30",
+        "--1s",
+        "+-1s",
+        "1e3s",
+        "1,5h",
+        ".s",
+        "1h 30m",
+        "٣s",
+        "99999999999999999h",
+    ],
 )
 def test_every_malformed(text: str) -> None:
     error = spec_error(doc({"every": text}), min_interval=SMALL)
@@ -578,8 +618,20 @@ def test_tz_prefix_errors_are_spec_errors(cron: str) -> None:
 
 @pytest.mark.parametrize(
     "zone",
-    ["Mars/Olympus", "Europe/Berln", "", "../../etc/passwd", "/etc/localtime", "Europe/../UTC",
-     "Europe/Berlin\x00", "Europe/Berlin ", " UTC", "x" * 300, "Europe\\Berlin", "☃"],
+    [
+        "Mars/Olympus",
+        "Europe/Berln",
+        "",
+        "../../etc/passwd",
+        "/etc/localtime",
+        "Europe/../UTC",
+        "Europe/Berlin\x00",
+        "Europe/Berlin ",
+        " UTC",
+        "x" * 300,
+        "Europe\\Berlin",
+        "☃",
+    ],
 )
 def test_unknown_zones(zone: str) -> None:
     with pytest.raises(SpecError):
@@ -590,8 +642,17 @@ def test_unknown_zones(zone: str) -> None:
     assert error.field == "schedule.timezone", str(error)
 
 
-@pytest.mark.parametrize("zone", ["UTC", "Europe/Berlin", "America/New_York", "Etc/GMT+5",
-                                  "Asia/Kolkata", "Australia/Lord_Howe"])
+@pytest.mark.parametrize(
+    "zone",
+    [
+        "UTC",
+        "Europe/Berlin",
+        "America/New_York",
+        "Etc/GMT+5",
+        "Asia/Kolkata",
+        "Australia/Lord_Howe",
+    ],
+)
 def test_known_zones(zone: str) -> None:
     assert parse_timezone(zone, "schedule.timezone") is not None
     assert parse(doc({"cron": "0 9 * * *", "timezone": zone})).timezone == zone
@@ -600,8 +661,7 @@ def test_known_zones(zone: str) -> None:
 # --- cron through parse_job ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cron", ["0 0 30 2 *", "0 0 31 2 *", "0 0 31 4,6,9,11 *",
-                                  "0 0 0 30 2 ?"])
+@pytest.mark.parametrize("cron", ["0 0 30 2 *", "0 0 31 2 *", "0 0 31 4,6,9,11 *", "0 0 0 30 2 ?"])
 def test_cron_that_never_fires_is_rejected(cron: str) -> None:
     error = spec_error(doc({"cron": cron}))
     assert str(error).startswith("schedule.cron: ")
@@ -635,9 +695,19 @@ def test_at_rfc3339(text: str, instant: datetime) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["2030-01-02T03:04:05", "2030-01-02", "2030-01-02 03:04:05", "tomorrow", "", "now",
-     "2030-13-02T03:04:05Z", "2030-02-30T03:04:05Z", "2030-01-02T25:04:05Z",
-     "2030-01-02T03:04:05+25:00", "1767225600"],
+    [
+        "2030-01-02T03:04:05",
+        "2030-01-02",
+        "2030-01-02 03:04:05",
+        "tomorrow",
+        "",
+        "now",
+        "2030-13-02T03:04:05Z",
+        "2030-02-30T03:04:05Z",
+        "2030-01-02T25:04:05Z",
+        "2030-01-02T03:04:05+25:00",
+        "1767225600",
+    ],
 )
 def test_at_malformed_or_naive(text: str) -> None:
     error = spec_error(doc({"at": text}))
@@ -710,10 +780,14 @@ def test_paused(document: dict[str, Any], paused: bool) -> None:
         ({"every": "1m", "start": "2026-01-01T00:00:00"}, "schedule.start"),
         ({"every": "1m", "start": "yesterday"}, "schedule.start"),
         ({"every": "1m", "end": "2026-01-01"}, "schedule.end"),
-        ({"every": "1m", "start": "2026-02-01T00:00:00Z", "end": "2026-01-01T00:00:00Z"},
-         "schedule.end"),
-        ({"every": "1m", "start": "2026-02-01T00:00:00Z", "end": "2026-02-01T01:00:00+01:00"},
-         "schedule.end"),
+        (
+            {"every": "1m", "start": "2026-02-01T00:00:00Z", "end": "2026-01-01T00:00:00Z"},
+            "schedule.end",
+        ),
+        (
+            {"every": "1m", "start": "2026-02-01T00:00:00Z", "end": "2026-02-01T01:00:00+01:00"},
+            "schedule.end",
+        ),
     ],
 )
 def test_refinement_errors(schedule: dict[str, Any], field: str) -> None:
@@ -847,7 +921,9 @@ def test_every_trigger_previous_gives_next_slot_even_when_late() -> None:
         assert trigger.get_next_fire_time(previous, previous + lateness) == previous + interval
     # A previous fire recorded off the grid (fired late) still comes back onto it.
     for late_by in (
-        timedelta(microseconds=1), timedelta(seconds=3), timedelta(minutes=9, seconds=59)
+        timedelta(microseconds=1),
+        timedelta(seconds=3),
+        timedelta(minutes=9, seconds=59),
     ):
         assert trigger.get_next_fire_time(previous + late_by, previous + late_by) == (
             previous + interval
@@ -913,8 +989,9 @@ ANY_TEXT = st.text(st.characters(exclude_categories=()), max_size=30)
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | ANY_TEXT,
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(ANY_TEXT, children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(ANY_TEXT, children, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -922,8 +999,11 @@ subjects = st.one_of(
     st.sampled_from(VALID_SUBJECTS + [s for s, _ in INVALID_SUBJECTS]),
     ANY_TEXT,
     st.from_regex(r"[-/_=a-zA-Z0-9.*>$ ]{0,20}", fullmatch=True),
-    st.lists(st.sampled_from(["a", "b1", "nats-cron", "$JS", "*", ">", "", "é", "x y"]),
-             min_size=1, max_size=4).map(".".join),
+    st.lists(
+        st.sampled_from(["a", "b1", "nats-cron", "$JS", "*", ">", "", "é", "x y"]),
+        min_size=1,
+        max_size=4,
+    ).map(".".join),
 )
 
 durations = st.one_of(
@@ -931,55 +1011,163 @@ durations = st.one_of(
         r"[+-]?([0-9]{0,4}(\.[0-9]{0,3})?(ns|us|µs|μs|ms|s|m|h|d|w|S|H|)){1,3}", fullmatch=True
     ),
     ANY_TEXT,
-    st.sampled_from(["1s", "30s", "1h30m", "1.5h", "0", "-1s", "1d", " 1s", "300ms",
-                     "9223372036854775807ns", "9223372036854775808ns", "2562047h", "2562048h",
-                     "99999999999999999999h", ".", "+", "-", "1.", ".5s"]),
+    st.sampled_from(
+        [
+            "1s",
+            "30s",
+            "1h30m",
+            "1.5h",
+            "0",
+            "-1s",
+            "1d",
+            " 1s",
+            "300ms",
+            "9223372036854775807ns",
+            "9223372036854775808ns",
+            "2562047h",
+            "2562048h",
+            "99999999999999999999h",
+            ".",
+            "+",
+            "-",
+            "1.",
+            ".5s",
+        ]
+    ),
 )
 
 cron_tokens = st.one_of(
-    st.sampled_from(["*", "?", "0", "7", "59", "60", "*/0", "*/2", "1-5", "5-1", "5-7", "MON",
-                     "jan", "dec-jan", "L", "1,2", "", ",", "1,,2", "a/b", "٣", "*/x", "2/",
-                     "/2", "-", "0-", "-0", "sun-sat", "1-31/7", "31", "32", "13", "24", "@"]),
+    st.sampled_from(
+        [
+            "*",
+            "?",
+            "0",
+            "7",
+            "59",
+            "60",
+            "*/0",
+            "*/2",
+            "1-5",
+            "5-1",
+            "5-7",
+            "MON",
+            "jan",
+            "dec-jan",
+            "L",
+            "1,2",
+            "",
+            ",",
+            "1,,2",
+            "a/b",
+            "٣",
+            "*/x",
+            "2/",
+            "/2",
+            "-",
+            "0-",
+            "-0",
+            "sun-sat",
+            "1-31/7",
+            "31",
+            "32",
+            "13",
+            "24",
+            "@",
+        ]
+    ),
     st.text(st.characters(exclude_categories=()), max_size=4),
 )
 crons = st.one_of(
     ANY_TEXT,
     st.tuples(
-        st.sampled_from(["", "TZ=Europe/Berlin ", "CRON_TZ=UTC ", "CRON_TZ=", "TZ=Europe/Berlin",
-                         "TZ=Mars/X ", "TZ=../x ", "TZ=\x00 ", "CRON_TZ=America/New_York  "]),
+        st.sampled_from(
+            [
+                "",
+                "TZ=Europe/Berlin ",
+                "CRON_TZ=UTC ",
+                "CRON_TZ=",
+                "TZ=Europe/Berlin",
+                "TZ=Mars/X ",
+                "TZ=../x ",
+                "TZ=\x00 ",
+                "CRON_TZ=America/New_York  ",
+            ]
+        ),
         st.lists(cron_tokens, min_size=0, max_size=7).map(" ".join),
     ).map("".join),
-    st.sampled_from(["@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight",
-                     "@hourly", "@every 1h", "@reboot", "@", "@DAILY", "0 0 30 2 *",
-                     "0 0 30 2 1", "CRON_TZ=Europe/Berlin @daily"]),
+    st.sampled_from(
+        [
+            "@yearly",
+            "@annually",
+            "@monthly",
+            "@weekly",
+            "@daily",
+            "@midnight",
+            "@hourly",
+            "@every 1h",
+            "@reboot",
+            "@",
+            "@DAILY",
+            "0 0 30 2 *",
+            "0 0 30 2 1",
+            "CRON_TZ=Europe/Berlin @daily",
+        ]
+    ),
 )
 
 zones = st.one_of(
-    st.sampled_from(["UTC", "Europe/Berlin", "America/New_York", "Etc/GMT+5", "", "Mars/Olympus",
-                     "../etc", "/etc/localtime", "Europe/Berlin\x00", "é", "Europe", "zoneinfo",
-                     ".", "..", "Europe/Berlin/"]),
+    st.sampled_from(
+        [
+            "UTC",
+            "Europe/Berlin",
+            "America/New_York",
+            "Etc/GMT+5",
+            "",
+            "Mars/Olympus",
+            "../etc",
+            "/etc/localtime",
+            "Europe/Berlin\x00",
+            "é",
+            "Europe",
+            "zoneinfo",
+            ".",
+            "..",
+            "Europe/Berlin/",
+        ]
+    ),
     ANY_TEXT,
 )
 
 instants = st.one_of(
     ANY_TEXT,
-    st.datetimes(
-        timezones=st.none() | st.just(UTC) | st.timezones()
-    ).map(lambda d: d.isoformat()),
-    st.from_regex(r"[0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,9})?)?)?"
-                  r"(Z|z|[+-][0-9]{2}:?[0-9]{2})?", fullmatch=True),
-    st.sampled_from(["2030-01-02T03:04:05Z", "0001-01-01T00:00:00+01:00",
-                     "9999-12-31T23:59:59-01:00", "2030-01-02T03:04:05"]),
+    st.datetimes(timezones=st.none() | st.just(UTC) | st.timezones()).map(lambda d: d.isoformat()),
+    st.from_regex(
+        r"[0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,9})?)?)?"
+        r"(Z|z|[+-][0-9]{2}:?[0-9]{2})?",
+        fullmatch=True,
+    ),
+    st.sampled_from(
+        [
+            "2030-01-02T03:04:05Z",
+            "0001-01-01T00:00:00+01:00",
+            "9999-12-31T23:59:59-01:00",
+            "2030-01-02T03:04:05",
+        ]
+    ),
 )
 
 payloads = st.fixed_dictionaries(
     {},
     optional={
-        "type": st.one_of(st.sampled_from(["json", "text", "base64", "xml", ""]), st.none(),
-                          ANY_TEXT, json_values),
-        "data": st.one_of(ANY_TEXT, json_values,
-                          st.binary(max_size=40).map(lambda b: base64.b64encode(b).decode()),
-                          st.sampled_from(['{"a":1}', "{", "aGVsbG8=", "", "NaN", "[1,2"])),
+        "type": st.one_of(
+            st.sampled_from(["json", "text", "base64", "xml", ""]), st.none(), ANY_TEXT, json_values
+        ),
+        "data": st.one_of(
+            ANY_TEXT,
+            json_values,
+            st.binary(max_size=40).map(lambda b: base64.b64encode(b).decode()),
+            st.sampled_from(['{"a":1}', "{", "aGVsbG8=", "", "NaN", "[1,2"]),
+        ),
         "extra": json_values,
     },
 )
@@ -1008,18 +1196,25 @@ def documents(draw: st.DrawFn) -> Any:
     form = draw(st.sampled_from(["readme", "flat", "both"]))
     out: dict[Any, Any]
     if form == "readme":
-        out = {"target": draw(st.one_of(st.just({"subject": subject}), json_values)),
-               "schedule": schedule}
+        out = {
+            "target": draw(st.one_of(st.just({"subject": subject}), json_values)),
+            "schedule": schedule,
+        }
     elif form == "flat":
         out = {"subject": subject, "schedule": schedule}
     else:
         out = {"subject": subject, "target": {"subject": subject}, "schedule": schedule}
     if draw(st.booleans()):
         out["payload"] = draw(st.one_of(payloads, json_values))
-    extra = draw(st.dictionaries(
-        st.sampled_from(["next_run", "last_run", "run_count", "last_error", "paused", "foo", ""]),
-        json_values, max_size=3,
-    ))
+    extra = draw(
+        st.dictionaries(
+            st.sampled_from(
+                ["next_run", "last_run", "run_count", "last_error", "paused", "foo", ""]
+            ),
+            json_values,
+            max_size=3,
+        )
+    )
     out.update(extra)
     return out
 
@@ -1043,8 +1238,9 @@ def test_fuzz_any_json_value(document: Any) -> None:
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     document=documents(),
-    min_interval=st.sampled_from([timedelta(0), timedelta(microseconds=1), timedelta(seconds=1),
-                                  timedelta(minutes=5)]),
+    min_interval=st.sampled_from(
+        [timedelta(0), timedelta(microseconds=1), timedelta(seconds=1), timedelta(minutes=5)]
+    ),
     max_payload=st.none() | st.integers(min_value=0, max_value=64),
 )
 def test_fuzz_near_valid_documents(

@@ -51,7 +51,7 @@ def _parse_json(data: bytes, required: bool) -> Any:
 
 def _field(body: Any, name: str) -> str:
     if not isinstance(body, dict):
-        raise ApiError(400, "request body: must be a JSON object")
+        raise ApiError(400, f"request body: must be a JSON object with {name!r}")
     value = body.get(name)
     if not isinstance(value, str) or not value:
         raise ApiError(400, f"{name}: is required and must be a non-empty string")

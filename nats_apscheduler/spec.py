@@ -249,10 +249,15 @@ def _pydantic_to_spec_error(exc: ValidationError) -> SpecError:
     return SpecError(where, first["msg"][0].lower() + first["msg"][1:])
 
 
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number" if isinstance(value, int | float) else "value")
+
+
 def _normalise(document: Any) -> Any:
     """Accept the Go v0.2 flat form and strip read-only run-state fields."""
     if not isinstance(document, dict):
-        raise SpecError("", f"a job document must be a JSON object, not {type(document).__name__}")
+        raise SpecError("job document", f"must be a JSON object, not {_json_type(document)}")
     doc = {k: v for k, v in document.items() if k not in _READ_ONLY}
     if "subject" in doc and "target" not in doc:
         doc["target"] = {"subject": doc.pop("subject")}
@@ -330,7 +335,7 @@ def parse_job(
         raise _pydantic_to_spec_error(exc) from None
     except (ValueError, TypeError, OverflowError, ArithmeticError, RecursionError) as exc:
         # A rule we did not name: still a validation error, never a crash.
-        raise SpecError("", f"invalid job document ({type(exc).__name__}: {exc})") from exc
+        raise SpecError("job document", f"invalid ({type(exc).__name__}: {exc})") from exc
 
 
 def _parse_job(

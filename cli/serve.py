@@ -158,6 +158,10 @@ def serve(
         )
     try:
         code = asyncio.run(_run(settings))
+        # The loop's handlers are gone: a second SIGTERM now must not turn a clean exit
+        # into a kill (an orchestrator would see a failure).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     finally:
         if nats_server is not None:
             nats_server.stop()

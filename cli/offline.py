@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 
 import typer
 
-from nats_apscheduler import JobSpec, SpecError, parse_duration, parse_job
+from nats_apscheduler import JobSpec, SpecError, fire_times, parse_duration, parse_job
 
 from .jobs import build_document
 from .output import console, print_json
@@ -17,19 +17,6 @@ from .runner import EXIT_USAGE, fail
 
 JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON (stable, for scripts).")]
 Count = Annotated[int, typer.Option("--count", "-n", help="How many fire times.", min=1, max=1000)]
-
-
-def fire_times(spec: JobSpec, count: int, now: datetime) -> list[datetime]:
-    trigger = spec.trigger(now)
-    out: list[datetime] = []
-    previous = None
-    while len(out) < count:
-        nxt = trigger.get_next_fire_time(previous, now if previous is None else previous)
-        if nxt is None:
-            break
-        out.append(nxt)
-        previous = nxt
-    return out
 
 
 def _show(spec: JobSpec, times: list[datetime], json_out: bool, extra: dict[str, Any]) -> None:
@@ -79,7 +66,8 @@ def validate(
             print_json({"valid": False, "error": message})
             raise typer.Exit(EXIT_USAGE) from None
         raise fail(f"{file}: {message}", EXIT_USAGE) from None
-    times = fire_times(spec, count, datetime.now(UTC))
+    now = datetime.now(UTC)
+    times = fire_times(spec.trigger(now), now, count)
     if not json_out:
         typer.echo(f"{file}: valid job for {spec.subject}")
     _show(
@@ -105,4 +93,6 @@ def next_times(
         spec = parse_job(doc, min_interval=timedelta(0))
     except SpecError as exc:
         raise fail(str(exc), EXIT_USAGE) from None
-    _show(spec, fire_times(spec, count, datetime.now(UTC)), json_out, {"schedule": doc["schedule"]})
+    now = datetime.now(UTC)
+    times = fire_times(spec.trigger(now), now, count)
+    _show(spec, times, json_out, {"schedule": doc["schedule"]})

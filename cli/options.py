@@ -1,12 +1,11 @@
 """Connection options shared by every networked command (`--server`, credentials, TLS).
 
 Typer has no dependency injection, so each option is an `Annotated` alias that commands
-reuse; `connection_from()` folds the flags over the environment.
+reuse; `apply_flags()` lays the given flags over a base `Connection`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
 
@@ -25,8 +24,22 @@ TlsCert = Annotated[Path | None, typer.Option(help="Client certificate (env NATS
 TlsKey = Annotated[Path | None, typer.Option(help="Client key (env NATS_KEY).")]
 
 
-def connection_from(
-    environ: Mapping[str, str],
+# (parameter name, option) of every connection flag, in the order commands show them.
+FLAGS = (
+    ("server", Server),
+    ("creds", Creds),
+    ("user", User),
+    ("password", Password),
+    ("token", Token),
+    ("nkey", Nkey),
+    ("tls_ca", TlsCa),
+    ("tls_cert", TlsCert),
+    ("tls_key", TlsKey),
+)
+
+
+def apply_flags(
+    base: Connection,
     server: str | None,
     creds: Path | None,
     user: str | None,
@@ -37,10 +50,12 @@ def connection_from(
     tls_cert: Path | None,
     tls_key: Path | None,
 ) -> Connection:
+    """`base` with every flag that was given laid over it."""
+
     def path(value: Path | None) -> str | None:
         return str(value) if value is not None else None
 
-    return Connection.from_env(environ).override(
+    return base.override(
         url=server,
         creds=path(creds),
         user=user,

@@ -26,18 +26,7 @@ import typer
 from nats_apscheduler import ApiError, Connection, CronClient, NoService, SpecError, connect
 
 from .context import ContextError, load_context, selected_context
-from .options import (
-    Creds,
-    Nkey,
-    Password,
-    Server,
-    TlsCa,
-    TlsCert,
-    TlsKey,
-    Token,
-    User,
-    connection_from,
-)
+from .options import FLAGS, apply_flags
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -89,26 +78,9 @@ def resolve(
             base = load_context(name, base, os.environ)
         except ContextError as exc:
             raise fail(str(exc), EXIT_USAGE) from None
-    flags = connection_from(
-        {}, server, creds, user, password, token, nkey, tls_ca, tls_cert, tls_key
-    )
-    merged = base.override(
-        **{
-            field: getattr(flags, field)
-            for field in (
-                "creds",
-                "user",
-                "password",
-                "token",
-                "nkey",
-                "tls_ca",
-                "tls_cert",
-                "tls_key",
-            )
-        },
-        url=server,
-        timeout=timeout,
-    )
+    merged = apply_flags(
+        base, server, creds, user, password, token, nkey, tls_ca, tls_cert, tls_key
+    ).override(timeout=timeout)
     if timeout <= 0:
         raise fail("--timeout must be positive", EXIT_USAGE)
     return Net(merged, timeout)
@@ -116,48 +88,21 @@ def resolve(
 
 def networked(fn: Callable[..., T]) -> Callable[..., T]:
     """Give a command the connection flags; it receives them folded into `net: Net`."""
-    names = [
-        "server",
-        "creds",
-        "user",
-        "password",
-        "token",
-        "nkey",
-        "tls_ca",
-        "tls_cert",
-        "tls_key",
-    ]
-    annotations: list[Any] = [Server, Creds, User, Password, Token, Nkey, TlsCa, TlsCert, TlsKey]
+    options: list[tuple[str, Any, Any]] = [(name, option, None) for name, option in FLAGS]
+    options += [("context", ContextName, None), ("timeout", Timeout, 5.0)]
+    names = [name for name, _, _ in options]
     extra = [
-        inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=a)
-        for n, a in zip(names, annotations, strict=True)
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=option)
+        for name, option, default in options
     ]
-    extra.append(
-        inspect.Parameter(
-            "context", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ContextName
-        )
-    )
-    extra.append(
-        inspect.Parameter(
-            "timeout", inspect.Parameter.KEYWORD_ONLY, default=5.0, annotation=Timeout
-        )
-    )
     own = [p for p in inspect.signature(fn).parameters.values() if p.name != "net"]
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> T:
-        conn = {name: kwargs.pop(name) for name in [*names, "context", "timeout"]}
+        conn = {name: kwargs.pop(name) for name in names}
         return fn(*args, net=resolve(**conn), **kwargs)
 
-    wrapper.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        [
-            p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
-            if p.kind is inspect.Parameter.KEYWORD_ONLY
-            else p
-            for p in own
-        ]
-        + extra
-    )
+    wrapper.__signature__ = inspect.Signature([*own, *extra])  # type: ignore[attr-defined]
     wrapper.__annotations__ = {}
     return wrapper
 

@@ -32,7 +32,7 @@ from .options import (
     TlsKey,
     Token,
     User,
-    connection_from,
+    apply_flags,
 )
 
 EXIT_FATAL = 1
@@ -128,8 +128,17 @@ def serve(
             metrics_port=metrics_port,
             metrics_host=metrics_host,
         )
-        connection = connection_from(
-            os.environ, server, creds, user, password, token, nkey, tls_ca, tls_cert, tls_key
+        connection = apply_flags(
+            settings.connection,
+            server,
+            creds,
+            user,
+            password,
+            token,
+            nkey,
+            tls_ca,
+            tls_cert,
+            tls_key,
         )
         settings = settings.override(connection=connection).validate()
         if settings.log_level not in ("debug", "info", "warn", "warning", "error"):

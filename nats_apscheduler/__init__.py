@@ -10,7 +10,7 @@ from loguru import logger
 
 from nats_apscheduler.client import ApiError, CronClient, NoService
 from nats_apscheduler.connection import connect
-from nats_apscheduler.cron import StandardCronTrigger, parse_cron
+from nats_apscheduler.cron import StandardCronTrigger, fire_times, parse_cron
 from nats_apscheduler.durations import format_duration, parse_duration
 from nats_apscheduler.embedded import EmbeddedNatsServer
 from nats_apscheduler.errors import NatsCronError, SpecError, StoreError, WriteConflict
@@ -48,6 +48,7 @@ __all__ = [
     "__version__",
     "configure_logging",
     "connect",
+    "fire_times",
     "format_duration",
     "parse_cron",
     "parse_duration",

@@ -305,15 +305,7 @@ class StandardCronTrigger(BaseTrigger):  # type: ignore[misc]
 
     def fire_times(self, now: datetime, count: int) -> Sequence[datetime]:
         """The next `count` fire times after `now` (for previews and tests)."""
-        out: list[datetime] = []
-        previous: datetime | None = None
-        while len(out) < count:
-            nxt = self.get_next_fire_time(previous, now if previous is None else previous)
-            if nxt is None:
-                break
-            out.append(nxt)
-            previous = nxt
-        return out
+        return fire_times(self, now, count)
 
     def __getstate__(self) -> dict[str, Any]:
         return {
@@ -334,3 +326,16 @@ class StandardCronTrigger(BaseTrigger):  # type: ignore[misc]
 
     def __repr__(self) -> str:
         return f"<StandardCronTrigger ({self.expression!r}, timezone='{self.timezone}')>"
+
+
+def fire_times(trigger: BaseTrigger, now: datetime, count: int) -> list[datetime]:
+    """The next `count` fire times of any APScheduler trigger, from `now` (previews)."""
+    out: list[datetime] = []
+    previous: datetime | None = None
+    while len(out) < count:
+        nxt = trigger.get_next_fire_time(previous, now if previous is None else previous)
+        if nxt is None:
+            break
+        out.append(nxt)
+        previous = nxt
+    return out

@@ -238,10 +238,22 @@ class Firer:
 class FireExecutor(BaseExecutor):  # type: ignore[misc]
     """APScheduler executor for nats-cron jobs, on the scheduler's asyncio loop."""
 
-    def __init__(self, firer: Firer, on_missed: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        firer: Firer,
+        on_missed: Callable[[str], None] | None = None,
+        hold: Callable[[str], None] = lambda job_id: None,
+        release: Callable[[str], None] = lambda job_id: None,
+    ) -> None:
+        """`hold`/`release` keep a job's state writes back while its fire is in flight
+        (the job store's `hold()`/`release()`): the next run time APScheduler sets right
+        after submitting must not be persisted before the publish, or a crash in between
+        would lose the slot instead of leaving it to the next leader."""
         super().__init__()
         self._firer = firer
         self._on_missed = on_missed
+        self._hold = hold
+        self._release = release
         self._tasks: set[asyncio.Task[None]] = set()
 
     def start(self, scheduler: Any, alias: str) -> None:
@@ -258,6 +270,7 @@ class FireExecutor(BaseExecutor):  # type: ignore[misc]
             await asyncio.wait(set(self._tasks), timeout=timeout)
 
     def _do_submit_job(self, job: Job, run_times: list[datetime]) -> None:
+        self._hold(job.id)  # before APScheduler's update_job of the advanced next run
         task = self._loop.create_task(self._run(job, run_times))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -289,4 +302,5 @@ class FireExecutor(BaseExecutor):  # type: ignore[misc]
                 JobExecutionEvent(EVENT_JOB_ERROR, job.id, alias, run_times[-1], exception=exc)
             )
         finally:
+            self._release(job.id)
             self._run_job_success(job.id, events)

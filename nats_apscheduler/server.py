@@ -139,7 +139,12 @@ class NatsCron:
             on_fire=self.metrics.on_fire,
             leading_since=lambda: self.election.won_at,
         )
-        self.executor = FireExecutor(self.firer, on_missed=self.metrics.on_missed)
+        self.executor = FireExecutor(
+            self.firer,
+            on_missed=self.metrics.on_missed,
+            hold=self.store.hold,
+            release=self.store.release,
+        )
         self.scheduler = FencedScheduler(self.election.is_leader_now, timezone=UTC)
         self.scheduler.add_jobstore(self.store, JOBSTORE)
         self.scheduler.add_executor(self.executor, EXECUTOR)

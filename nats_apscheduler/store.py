@@ -138,6 +138,7 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
         self._skipped: dict[str, str] = {}  # job id -> why its record is not loaded
         self._stale: dict[str, Job] = {}  # job id -> object replaced by a remote change
         self._queue: dict[str, bytes | None] = {}
+        self._held: dict[str, int] = {}  # job id -> holds: its writes wait (see hold())
         self._inflight: dict[str, bytes | None] = {}  # job id -> the write in flight
         self._kick_pending = False
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
@@ -360,8 +361,32 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
             for job_id in ids:
                 self._enqueue(job_id, _DELETE)
 
+    def hold(self, job_id: str) -> None:
+        """Keep `job_id`'s writes queued until `release()`.
+
+        An executor holds a job while its fire is in flight, so that the job's advanced
+        next run time never reaches KV before the fire itself went out: a crash in between
+        leaves the slot for the next leader instead of losing it.
+        """
+        with self._lock:
+            self._held[job_id] = self._held.get(job_id, 0) + 1
+
+    def release(self, job_id: str) -> None:
+        with self._lock:
+            holds = self._held.get(job_id, 0) - 1
+            if holds > 0:
+                self._held[job_id] = holds
+                return
+            self._held.pop(job_id, None)
+            if job_id in self._queue:
+                self._kick()
+
     def _enqueue(self, job_id: str, data: bytes | None) -> None:
         self._queue[job_id] = data
+        if job_id not in self._held:
+            self._kick()
+
+    def _kick(self) -> None:
         if not self._kick_pending and self._bridge is not None and self._wake is not None:
             self._kick_pending = True
             self._bridge.soon(self._wake.set)
@@ -401,7 +426,9 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
             self._wake.clear()
             with self._lock:
                 self._kick_pending = False
-                batch, self._queue = self._queue, {}
+                batch = {k: v for k, v in self._queue.items() if k not in self._held}
+                for job_id in batch:
+                    del self._queue[job_id]
                 self._inflight.update(batch)
             if batch:
                 results = await asyncio.gather(*(self._write(k, v) for k, v in batch.items()))
@@ -415,7 +442,7 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
                 flushers = self._flushers if idle else []
                 if idle:
                     self._flushers = []
-                if self._queue:
+                if any(job_id not in self._held for job_id in self._queue):
                     self._wake.set()
             for future in flushers:
                 if not future.done():

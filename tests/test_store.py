@@ -1183,3 +1183,26 @@ def test_scheduler_restart_after_shutdown(stores: Stores) -> None:
     scheduler.add_job(mark, "date", run_date=FAR, id="after-restart", args=["k"])
     store.flush()
     assert stores.fresh().lookup_job("after-restart") is not None
+
+
+async def test_held_job_is_not_written_until_released(nc: Client, bucket: str) -> None:
+    """An executor holds a job while its fire is in flight: its new state waits."""
+    store, scheduler, kv = await _open_shared(nc, bucket)
+    try:
+        store.add_job(make_job(scheduler, "H", DateTrigger(FAR), NOW))
+        await store.apersist("H")
+        before = (await kv.get("H")).revision
+        store.hold("H")
+        job = store.lookup_job("H")
+        assert job is not None
+        job._modify(next_run_time=FAR + timedelta(days=1))
+        store.update_job(job)
+        other = make_job(scheduler, "other", DateTrigger(FAR), NOW)
+        store.add_job(other)
+        await store.apersist("other")  # the writer ran, and skipped the held job
+        assert (await kv.get("H")).revision == before
+        store.release("H")
+        await store.apersist("H")
+        assert (await kv.get("H")).revision > before
+    finally:
+        await store.aclose()

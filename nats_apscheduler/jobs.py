@@ -26,6 +26,7 @@ from nats_apscheduler.store import JetStreamJobStore
 EXECUTOR = "nats"
 JOBSTORE = "default"
 _ATTEMPTS = 5
+MAX_OVERLAP = 4  # fires of one job in flight at once
 # Aliases: the method `JobManager.list` shadows the builtin inside the class.
 Documents = list[dict[str, Any]]
 Subjects = list[str]
@@ -223,7 +224,9 @@ class JobManager:
             "kwargs": {"job": spec.to_document(), "state": state},
             "misfire_grace_time": max(1, int(grace.total_seconds())),
             "coalesce": True,
-            "max_instances": 1,
+            # Slots of one job may overlap (a fire in its jitter delay, a late catch-up
+            # right before the next slot): with 1, APScheduler would drop the next slot.
+            "max_instances": MAX_OVERLAP,
             "replace_existing": False,
         }
         if spec.paused:

@@ -87,7 +87,9 @@ def ratio(a: float | None, b: float | None, digits: int = 3) -> float | None:
 
 
 def emit(report: dict[str, Any]) -> None:
-    """The one JSON object a benchmark prints on stdout."""
+    """The one JSON object a benchmark prints on stdout (with the code measured at the end:
+    compare with `machine` to see whether the package changed during the run)."""
+    report.setdefault("code_at_end", code_version())
     print(json.dumps(report, indent=2, default=str), flush=True)
 
 
@@ -150,6 +152,24 @@ def machine() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "loadavg_1m_at_start": round(load[0], 2),
         "python": sys.version.split()[0],
+        **code_version(),
+    }
+
+
+def code_version() -> dict[str, Any]:
+    """The commit measured, and whether the package had uncommitted changes."""
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(
+                ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {
+        "git_head": git("rev-parse", "--short", "HEAD") or None,
+        "package_modified": bool(git("status", "--porcelain", "--", "nats_apscheduler", "cli")),
     }
 
 

@@ -250,8 +250,11 @@ async def fire(cfg: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-async def _kv_seq(store: Any, cfg: dict[str, Any]) -> int:
-    info = await NC.jetstream().stream_info(f"KV_{cfg['bucket']}")
+async def _kv_seq(store: Any, cfg: dict[str, Any]) -> int | None:
+    try:  # an overloaded loop may see this request time out: then no figure
+        info = await NC.jetstream().stream_info(f"KV_{cfg['bucket']}")
+    except Exception:
+        return None
     return int(info.state.last_seq)
 
 

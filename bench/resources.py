@@ -4,12 +4,14 @@
     python bench/resources.py --quick         # smoke: 0 and 2,000 jobs, 3 s windows, < 60 s
     python bench/resources.py --sizes 0,1000,10000 --idle 20 --duration 30 --repeats 3
 
-Idle: `size` jobs `every 1h` (phases spread over the hour: none fires while measured),
+Idle: `size` jobs `every 24h` (phases spread over the day: with 100,000 jobs about one
+fires per second, which is counted in),
 stored through the service's JobManager/JetStreamJobStore; then a fresh `nats-cron serve`
 leads, settles, and its CPU seconds per second (utime+stime from /proc/<pid>/stat) and RSS
 (VmRSS, VmHWM from /proc/<pid>/status) are read over `--idle` seconds. Baselines in the same
 run: an AsyncIOScheduler + MemoryJobStore process with the same jobs (APScheduler
-IntervalTrigger, 1 h), and the same with JetStreamJobStore (plugin mode).
+IntervalTrigger, 24 h), and the same with JetStreamJobStore (plugin mode; its jobs are
+added in that process, so its RSS includes the peak of writing them all to KV).
 Firing: 1,000 jobs every 1 s (phases spread) for `--duration` s: the serve process (lateness
 at a subscriber, as in fire_ceiling.py), the memory baseline and the plugin.
 Per 1,000 jobs: (RSS at size - RSS with no job) / (size / 1000); idle CPU likewise; firing
@@ -54,6 +56,7 @@ from nats.aio.client import Client
 from tests.helpers.cluster import ServeProcess
 
 _seq = 0
+IDLE_INTERVAL = 86400  # idle jobs fire every 24 h, phases spread over the day
 
 
 async def service_idle(server: LocalServer, nc: Client, size: int, idle: float) -> dict[str, Any]:
@@ -66,7 +69,7 @@ async def service_idle(server: LocalServer, nc: Client, size: int, idle: float) 
         fill_s = await fill_jobs(
             nc,
             env["NATS_CRON_JOBS_BUCKET"],
-            spread_docs(f"bench.{name}", size, every_s=3600),
+            spread_docs(f"bench.{name}", size, every_s=IDLE_INTERVAL),
             batch=5000,
         )
     proc = PROCS.add(ServeProcess(f"{name}-1", env))
@@ -121,7 +124,9 @@ async def main(args: argparse.Namespace) -> None:
                 )
                 for mode in ("memory", "jetstream"):
                     idle[mode].setdefault(size, []).append(
-                        await trial(server, nc, mode, size, int(args.idle), 1.0, interval=3600)
+                        await trial(
+                            server, nc, mode, size, int(args.idle), 1.0, interval=IDLE_INTERVAL
+                        )
                     )
             for mode in ("memory", "jetstream", "service"):
                 firing[mode].append(

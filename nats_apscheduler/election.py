@@ -34,6 +34,8 @@ from loguru import logger
 from nats.aio.client import Client
 from nats.js.api import KeyValueConfig
 
+from nats_apscheduler._watch import KVFeed
+
 LEASE_KEY = "leader"
 _EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
 _WRONG_LAST = (10071, 10164)
@@ -88,6 +90,7 @@ class Election:
         self._changed = asyncio.Event()
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._feed: KVFeed | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self.transitions = 0
         self.refresh_failures = 0
@@ -120,10 +123,12 @@ class Election:
                     limit_marker_ttl=max(1.0, self.ttl),
                 )
             )
-        watcher = await kv.watch(LEASE_KEY)
+        del kv
+        self._feed = KVFeed(self._nc, self.bucket, LEASE_KEY)
+        await self._feed.start()
         loop = asyncio.get_running_loop()
         self._tasks = [
-            loop.create_task(self._watch(watcher), name="election-watch"),
+            loop.create_task(self._watch(self._feed), name="election-watch"),
             loop.create_task(self._run(), name="election-run"),
         ]
 
@@ -135,6 +140,9 @@ class Election:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        if self._feed is not None:
+            await self._feed.stop()
+            self._feed = None
         if self._holding and release and self._nc.is_connected:
             self._lose("released")
             try:
@@ -161,20 +169,25 @@ class Election:
 
     # --- internals ------------------------------------------------------------------------------
 
-    async def _watch(self, watcher: Any) -> None:
-        async for entry in watcher:
+    async def _watch(self, feed: KVFeed) -> None:
+        async for entry in feed:
             if entry is None:
                 continue
-            value = _decode(entry.value)
-            if entry.operation in ("DEL", "PURGE") or value is None:
-                self.leader = None
-            else:
-                self.leader = LeaderInfo(
-                    instance_id=str(value.get("instance_id")),
-                    since=str(value.get("since")),
-                    epoch=int(value.get("epoch") or entry.revision),
-                )
+            deleted = entry.operation in ("DEL", "PURGE")
+            self._note_leader(entry.revision or 0, None if deleted else _decode(entry.value))
             self._changed.set()
+
+    def _note_leader(self, revision: int, holder: dict[str, Any] | None) -> None:
+        """What the watch or a read of the key says about the current leader."""
+        if holder is None:
+            self.leader = None
+        elif holder.get("token") != self._token or not self._holding:
+            # Our own refreshes keep `leader` as set when we won (same epoch and since).
+            self.leader = LeaderInfo(
+                instance_id=str(holder.get("instance_id")),
+                since=str(holder.get("since")),
+                epoch=int(holder.get("epoch") or revision),
+            )
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -227,6 +240,8 @@ class Election:
         except (nats.errors.Error, TimeoutError) as exc:
             logger.debug("reading the lease failed: {}", exc)
             return
+        # A fresh read: `status` stays right even while the watch is behind.
+        self._note_leader(last, holder)
         if holder is not None and holder.get("token") != self._token:
             return  # someone else holds it
         sent = self._clock()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -63,7 +63,7 @@ def jitter_delay(subject: str, slot: datetime, jitter: timedelta) -> float:
 
 @dataclass
 class FireOutcome:
-    status: str  # "fired" | "fenced" | "error" | "invalid"
+    status: str  # "fired" | "fenced" | "error" | "unconfirmed" | "invalid"
     error: str | None = None
 
 
@@ -134,8 +134,12 @@ class Firer:
         history: History | None = None,
         on_fire: Callable[[str, str, float, bool], None] | None = None,
         leading_since: Callable[[], datetime | None] = lambda: None,
+        confirm: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
+        """`confirm` (a `Confirmer.confirm`) proves a publish reached the server before the
+        fire counts: an unconfirmed fire hands its slot back instead of recording it."""
         self._nc = nc
+        self._confirm = confirm
         self.instance_id = instance_id
         self._fence = fence
         self._epoch = epoch
@@ -189,16 +193,24 @@ class Firer:
         }
         actual = datetime.now(UTC)
         error: str | None = None
+        status = "fired"
         try:
             await self._nc.publish(spec.subject, spec.payload(slot), headers=headers)
         except (nats.errors.Error, OSError) as exc:
-            error = f"publish failed: {exc}"
-        self._record(job, slot, actual, error)
+            error, status = f"publish failed: {exc}", "error"
+        if status == "fired" and self._confirm is not None and not await self._confirm():
+            # The connection dropped (or stalled) before the server was seen to take the
+            # publish: it may be lost. The next leader fires the slot again (same
+            # Nats-Msg-Id, so a stream keeps one copy) rather than never.
+            error, status = "publish not confirmed by the server (connection lost)", "unconfirmed"
+            self._give_back(job, slot)
+        else:
+            self._record(job, slot, actual, error)
         lateness = (actual - slot).total_seconds()
         if self._on_fire is not None:
             since = self._leading_since()
             caught_up = since is not None and slot < since
-            self._on_fire(spec.subject, "error" if error else "fired", lateness, caught_up)
+            self._on_fire(spec.subject, status, lateness, caught_up)
         if self._history is not None:
             record = {
                 "subject": spec.subject,
@@ -206,7 +218,7 @@ class Firer:
                 "actual": rfc3339(actual),
                 "instance": self.instance_id,
                 "epoch": epoch,
-                "outcome": "error" if error else "fired",
+                "outcome": status,
                 "error": error,
             }
             try:
@@ -214,8 +226,8 @@ class Firer:
             except (nats.errors.Error, OSError) as exc:
                 logger.bind(subject=spec.subject).warning("history append failed: {}", exc)
         if error:
-            logger.bind(subject=spec.subject, epoch=epoch).error(error)
-            return FireOutcome("error", error)
+            logger.bind(subject=spec.subject, epoch=epoch, scheduled=rfc3339(slot)).error(error)
+            return FireOutcome(status, error)
         logger.bind(subject=spec.subject, epoch=epoch, scheduled=rfc3339(slot)).debug("fired")
         return FireOutcome("fired")
 

@@ -25,6 +25,7 @@ from apscheduler.schedulers.base import STATE_RUNNING
 from loguru import logger
 from nats.aio.client import Client
 
+from nats_apscheduler.confirm import Confirmer
 from nats_apscheduler.connection import connect
 from nats_apscheduler.election import Election
 from nats_apscheduler.errors import NatsCronError
@@ -69,11 +70,13 @@ class NatsCron:
         self._fatal = asyncio.Event()
         self.fatal_reason: str | None = None
         self._stopped = False
+        self._background: set[asyncio.Task[None]] = set()
         self.started_at: datetime | None = None
         self._started_mono = 0.0
         self.store: JetStreamJobStore
         self.election: Election
         self.scheduler: FencedScheduler
+        self.confirmer: Confirmer
         self.firer: Firer
         self.executor: FireExecutor
         self.history: History
@@ -129,6 +132,8 @@ class NatsCron:
                 ready=self._ready,
             )
         )
+        self.confirmer = Confirmer(nc)
+        await self.confirmer.start()
         self.firer = Firer(
             nc,
             s.instance_id,
@@ -138,6 +143,7 @@ class NatsCron:
             history=self.history,
             on_fire=self.metrics.on_fire,
             leading_since=lambda: self.election.won_at,
+            confirm=self.confirmer.confirm,
         )
         self.executor = FireExecutor(
             self.firer,
@@ -191,6 +197,8 @@ class NatsCron:
             await self.election.stop(release=True)
         if hasattr(self, "service"):
             await self.service.stop()
+        if hasattr(self, "confirmer"):
+            await self.confirmer.stop()
         if hasattr(self, "scheduler") and self.scheduler.running:
             self.scheduler.shutdown(wait=False)
         if self.http is not None:
@@ -233,7 +241,19 @@ class NatsCron:
             self.store.update_job(job)
 
     def _on_won(self, epoch: int) -> None:
-        logger.bind(instance_id=self.settings.instance_id, epoch=epoch).info("leading: firing")
+        task = asyncio.get_running_loop().create_task(self._lead(epoch))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _lead(self, epoch: int) -> None:
+        # Fire only from an index that holds everything in KV now: a watch left behind
+        # by a server restart would make us fire slots the previous leader already fired.
+        # Bounded by the lease TTL: past it, firing late beats not firing.
+        caught_up = await self.store.catch_up(timeout=self.settings.lease_ttl.total_seconds())
+        log = logger.bind(instance_id=self.settings.instance_id, epoch=epoch)
+        if self.election.epoch != epoch or not self.election.is_leader_now():
+            return  # lost the lease meanwhile
+        log.info("leading: firing" if caught_up else "leading: firing (job watch behind)")
         if self.scheduler.running:
             self.scheduler.resume()
 
@@ -248,6 +268,8 @@ class NatsCron:
         logger.bind(instance_id=self.settings.instance_id).warning("NATS connection lost")
         if hasattr(self, "election"):
             self.election.connection_lost()
+        if hasattr(self, "confirmer"):
+            self.confirmer.connection_lost()
 
     async def _on_reconnected(self) -> None:
         logger.bind(instance_id=self.settings.instance_id).info("NATS connection restored")

@@ -36,6 +36,7 @@ import contextlib
 import re
 import threading
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -52,6 +53,7 @@ from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
 from nats_apscheduler._bridge import LoopBridge
+from nats_apscheduler._watch import KVFeed
 from nats_apscheduler.codec import build_job, decode_record, encode_job
 from nats_apscheduler.errors import RecordError, StoreError, WriteConflict
 
@@ -136,7 +138,11 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
         self._index = MemoryJobStore()
         self._revisions: dict[str, int] = {}
         self._skipped: dict[str, str] = {}  # job id -> why its record is not loaded
-        self._stale: dict[str, Job] = {}  # job id -> object replaced by a remote change
+        # Job objects replaced by a remote change (all of them, not only the latest per id:
+        # an executor may still hold one from two versions ago and write it back).
+        # Keyed by id(): Job defines __eq__ without __hash__; a dead object drops out, so an
+        # id() is never reused while its entry exists.
+        self._stale: weakref.WeakValueDictionary[int, Job] = weakref.WeakValueDictionary()
         self._queue: dict[str, bytes | None] = {}
         self._held: dict[str, int] = {}  # job id -> holds: its writes wait (see hold())
         self._inflight: dict[str, bytes | None] = {}  # job id -> the write in flight
@@ -150,6 +156,9 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
         self._opened = False
         self._closing = False
         self._applied = 0  # watched entries handled (load progress)
+        self._applied_seq = 0  # stream sequence of the last watched entry handled
+        self._feed: KVFeed | None = None
+        self._sync_waiters: list[tuple[int, asyncio.Future[None]]] = []
         #: Called (on the loop) if the watch or writer task dies; the service exits on it.
         self.on_failure: Callable[[BaseException], None] | None = None
 
@@ -177,6 +186,7 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
             self._revisions.clear()
             self._skipped.clear()
             self._stale.clear()
+        self._applied_seq = 0
         self._wake = asyncio.Event()
         self._loaded = asyncio.Event()
         self._tasks = [
@@ -312,10 +322,13 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
             if job.id in self._skipped:
                 raise ConflictingIdError(job.id)
             self._index.add_job(job)
+            self._stale.pop(id(job), None)  # re-added after a removal: current again
             job.func = self._resolver.resolve(job.func_ref)
             self._enqueue(job.id, data)
 
     def update_job(self, job: Job) -> None:
+        if self._is_stale(job):
+            return  # a copy a remote change replaced: that change wins (checked again below)
         try:
             data = encode_job(job, self.writer_id)
         except ValueError:
@@ -324,7 +337,7 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
             with self._lock:
                 if self._index.lookup_job(job.id) is job:
                     self._index.remove_job(job.id)
-                    self._stale[job.id] = job
+                    self._stale[id(job)] = job
                 # The last accepted version: still queued, in flight, or else in KV.
                 last = self._queue.get(job.id, self._inflight.get(job.id))
                 if last is not None:
@@ -337,7 +350,7 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
                 self._spawn_resync(job.id)  # cannot wait on the loop's own thread
             raise
         with self._lock:
-            if self._stale.get(job.id) is job:
+            if self._is_stale(job):
                 # The scheduler still held the copy a remote change replaced: that change wins.
                 return
             self._index.update_job(job)
@@ -349,7 +362,6 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
                 del self._skipped[job_id]
             else:
                 self._index.remove_job(job_id)
-            self._stale.pop(job_id, None)
             self._enqueue(job_id, _DELETE)
 
     def remove_all_jobs(self) -> None:
@@ -531,19 +543,72 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
     # --- the watch -----------------------------------------------------------------------------
 
     async def _watch(self) -> None:
-        assert self._kv is not None and self._loaded is not None
-        watcher = await self._kv.watchall()
+        assert self._nc is not None and self._loaded is not None
+        feed = self._feed = KVFeed(self._nc, self.bucket)
+        await feed.start()
         try:
-            async for entry in watcher:
+            async for entry in feed:
                 if entry is None:
                     self._loaded.set()
                     self._wakeup_scheduler()
                     continue
-                changed = self._on_entry(entry.key, entry.value, entry.revision, entry.operation)
+                revision = entry.revision or 0
+                changed = self._on_entry(entry.key, entry.value, revision, entry.operation)
+                self._applied_seq = max(self._applied_seq, revision)
                 if changed and self._loaded.is_set() and not entry.delta:
                     self._wakeup_scheduler()
+                if self._sync_waiters:
+                    self._wake_sync_waiters()
         finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
+            self._feed = None
+            await feed.stop()
+
+    async def catch_up(self, timeout: float) -> bool:
+        """Wait until the index holds every change that is in KV now; False on timeout.
+
+        A new leader calls this before it fires: its watch may have been behind (a
+        server restart, the death of the node holding its consumer), and a stale index
+        would fire slots again that the previous leader already fired. A watch that
+        makes no progress for a moment is re-created from where it stopped.
+        """
+        assert self._nc is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            info = await asyncio.wait_for(
+                self._nc.jetstream().stream_info(f"KV_{self.bucket}"), timeout
+            )
+        except (nats.errors.Error, TimeoutError) as exc:
+            logger.bind(bucket=self.bucket).warning("cannot check the job watch: {}", exc)
+            return False
+        target = int(info.state.last_seq)
+        stall = min(0.5, timeout / 4)
+        while self._applied_seq < target:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                logger.bind(bucket=self.bucket).warning(
+                    "job watch still behind KV ({} < {})", self._applied_seq, target
+                )
+                return False
+            future: asyncio.Future[None] = loop.create_future()
+            self._sync_waiters.append((target, future))
+            seen = self._applied_seq
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(future, min(stall, remaining))
+            if self._applied_seq == seen and self._feed is not None:
+                self._feed.resume()  # no progress: the consumer is probably gone
+        return True
+
+    def _wake_sync_waiters(self) -> None:
+        keep = []
+        for target, future in self._sync_waiters:
+            if future.done():
+                continue
+            if self._applied_seq >= target:
+                future.set_result(None)
+            else:
+                keep.append((target, future))
+        self._sync_waiters = keep
 
     def _on_entry(
         self, job_id: str, value: bytes | None, revision: int, operation: str | None
@@ -583,7 +648,7 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
         old = self._index.lookup_job(job_id)
         if old is not None:
             self._index.remove_job(job_id)
-            self._stale[job_id] = old
+            self._stale[id(old)] = old
         self._skipped.pop(job_id, None)
         if value is None:
             return
@@ -601,6 +666,9 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
             return
         self._attach(job)
         self._index.add_job(job)
+
+    def _is_stale(self, job: Job) -> bool:
+        return self._stale.get(id(job)) is job
 
     def _attach(self, job: Job) -> None:
         if self._scheduler is not None:

@@ -27,9 +27,11 @@ RANK = {
     "durations": 1,
     "cron": 1,
     "_bridge": 1,
+    "_watch": 1,
     "embedded": 1,
     "logs": 1,
     "observe": 1,
+    "confirm": 1,
     "settings": 2,
     "spec": 2,
     "codec": 3,
@@ -50,19 +52,21 @@ ALLOWED: dict[str, set[str]] = {
     "durations": {"errors"},
     "cron": {"errors"},
     "_bridge": {"errors"},
+    "_watch": {"errors"},  # a KV watch that resumes; nats only
     "embedded": {"errors"},
     "logs": {"errors"},
+    "confirm": {"errors"},  # publish confirmation: nats only
     "observe": {"errors"},  # metrics and health probes: fed by callables, imports no layer
     "settings": {"errors", "durations"},
     "spec": {"errors", "durations", "cron"},
     "codec": {"errors", "durations", "cron", "spec"},
     "connection": {"errors", "settings"},
     # Knows nothing of APScheduler, jobs or firing.
-    "election": {"errors", "durations"},
+    "election": {"errors", "durations", "_watch"},
     # What a fire does: needs the job document, not the store nor the election.
     "fire": {"errors", "durations", "cron", "spec"},
     "client": {"errors", "durations", "spec"},
-    "store": {"errors", "durations", "cron", "spec", "codec", "_bridge"},
+    "store": {"errors", "durations", "cron", "spec", "codec", "_bridge", "_watch"},
     "jobs": {"errors", "durations", "cron", "spec", "store", "fire"},
     # The API talks to the jobs manager, never to the store (KV) directly.
     "service": {"errors", "durations", "spec", "fire", "jobs"},
@@ -73,6 +77,7 @@ ALLOWED: dict[str, set[str]] = {
         "settings",
         "spec",
         "connection",
+        "confirm",
         "store",
         "election",
         "fire",

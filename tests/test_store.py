@@ -1206,3 +1206,46 @@ async def test_held_job_is_not_written_until_released(nc: Client, bucket: str) -
         assert (await kv.get("H")).revision > before
     finally:
         await store.aclose()
+
+
+async def test_a_copy_replaced_twice_is_never_written_back(nc: Client, bucket: str) -> None:
+    """An executor may hold a job object across two remote changes (a leader frozen
+    mid-fire); writing that object back must not undo the newer versions."""
+    store, scheduler, kv = await _open_shared(nc, bucket)
+    try:
+        store.add_job(make_job(scheduler, "J", DateTrigger(FAR), NOW))
+        await store.apersist("J")
+        held = store.lookup_job("J")
+        assert held is not None
+        for round_ in range(2):  # two remote versions, each replacing the local copy
+            remote = json.loads((await kv.get("J")).value)
+            remote.update(writer="intruder", name=f"remote {round_}")
+            revision = await kv.put("J", json.dumps(remote).encode())
+            assert await store.catch_up(timeout=5)
+            current = store.lookup_job("J")
+            assert current is not None and current.name == f"remote {round_}"
+        held._modify(next_run_time=FAR - timedelta(days=1))
+        store.update_job(held)  # the stale copy: ignored
+        await store.aflush()
+        assert (await kv.get("J")).revision == revision
+        current = store.lookup_job("J")
+        assert current is not None and current.name == "remote 1"
+    finally:
+        await store.aclose()
+
+
+async def test_catch_up_waits_until_the_index_holds_what_kv_holds(nc: Client, bucket: str) -> None:
+    store, scheduler, _kv = await _open_shared(nc, bucket)
+    other = JetStreamJobStore(bucket=bucket, nc=nc, functions=ALLOWED, timeout=5)
+    await other.open()
+    try:
+        other.start(BackgroundScheduler(timezone="UTC"), "default")
+        for i in range(50):
+            other.add_job(make_job(scheduler, f"K{i}", DateTrigger(FAR), NOW))
+        await other.aflush()
+        # Everything the other writer stored is visible once catch_up returns True.
+        assert await store.catch_up(timeout=5)
+        assert {job.id for job in store.get_all_jobs()} >= {f"K{i}" for i in range(50)}
+    finally:
+        await other.aclose()
+        await store.aclose()

@@ -1,0 +1,170 @@
+"""A KV watch that keeps up across server restarts, node deaths and reconnects.
+
+nats-py's `kv.watch()` is an ordered consumer with a 5 s idle heartbeat that resets only
+after two missed heartbeats, so after a server restart (or the death of the cluster node
+holding its consumer) it goes silent for 10-20 s. `KVFeed` is the same ordered consumer
+with a 1 s heartbeat that also resumes at once, from the stream sequence after the last
+one it delivered, whenever the connection reconnects or its owner asks (`resume()`).
+Entries at or below that sequence are dropped, so a resume never repeats one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from loguru import logger
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import api
+from nats.js.kv import KeyValue
+
+_KV_OP = "KV-Operation"
+_MARKER = "Nats-Marker-Reason"
+_MARKER_OPS = {"MaxAge": "PURGE", "Purge": "PURGE", "Remove": "DEL"}
+_RECONNECT_POLL = 0.1  # seconds between looks at the connection's reconnect counter
+_RETRY = 0.25  # seconds between attempts to re-create the consumer
+
+
+class KVFeed:
+    """Entries of `keys` in a KV bucket, in stream order; `None` once the initial state is in.
+
+    Iterate with `async for entry in feed` after `await feed.start()`.
+    """
+
+    def __init__(self, nc: Client, bucket: str, keys: str = ">", heartbeat: float = 1.0) -> None:
+        self._nc = nc
+        self._js = nc.jetstream()
+        self.bucket = bucket
+        self._stream = f"KV_{bucket}"
+        self._prefix = f"$KV.{bucket}."
+        self._subject = self._prefix + keys
+        self._heartbeat = heartbeat
+        self._queue: asyncio.Queue[KeyValue.Entry | None] = asyncio.Queue()
+        self._sub: Any = None
+        self._generation = 0  # which subscription a callback belongs to
+        self._loaded = False
+        self._reconnects = 0
+        self._guard: asyncio.Task[None] | None = None
+        self._resuming: asyncio.Task[None] | None = None
+        self.last_seq = 0  #: the stream sequence of the last entry delivered
+        self.resumes = 0  #: how often the consumer was re-created
+
+    async def start(self) -> None:
+        self._reconnects = self._reconnect_count()
+        await self._subscribe()
+        self._guard = asyncio.get_running_loop().create_task(
+            self._follow_reconnects(), name=f"kv-feed-{self.bucket}"
+        )
+
+    async def stop(self) -> None:
+        for task in (self._guard, self._resuming):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        await self._unsubscribe()
+
+    def __aiter__(self) -> KVFeed:
+        return self
+
+    async def __anext__(self) -> KeyValue.Entry | None:
+        return await self._queue.get()
+
+    def resume(self) -> None:
+        """Re-create the consumer from the sequence after the last entry delivered."""
+        if self._resuming is None or self._resuming.done():
+            self._resuming = asyncio.get_running_loop().create_task(self._resume())
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _reconnect_count(self) -> int:
+        return int(self._nc.stats.get("reconnects", 0))
+
+    async def _follow_reconnects(self) -> None:
+        # nats-py has one reconnected callback and it belongs to the application: watch
+        # its counter instead (a cheap dict read).
+        while True:
+            await asyncio.sleep(_RECONNECT_POLL)
+            count = self._reconnect_count()
+            if count != self._reconnects and self._nc.is_connected:
+                self._reconnects = count
+                self.resume()
+
+    async def _resume(self) -> None:
+        while True:
+            await self._unsubscribe()
+            try:
+                await self._subscribe()
+            except (nats.errors.Error, TimeoutError, OSError) as exc:
+                # E.g. the stream has no leader yet after a node restart.
+                logger.bind(bucket=self.bucket).debug("re-creating the KV watch: {}", exc)
+                await asyncio.sleep(_RETRY)
+                continue
+            self.resumes += 1
+            return
+
+    async def _unsubscribe(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(nats.errors.Error, OSError):
+                await sub.unsubscribe()
+
+    async def _subscribe(self) -> None:
+        self._generation += 1
+        generation = self._generation
+        if self.last_seq:
+            config = api.ConsumerConfig(
+                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self.last_seq + 1
+            )
+        else:
+            config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT)
+
+        async def on_msg(msg: Msg) -> None:
+            if generation == self._generation:
+                self._on_msg(msg)
+
+        sub = await self._js.subscribe(
+            self._subject,
+            stream=self._stream,
+            cb=on_msg,
+            config=config,
+            ordered_consumer=True,
+            idle_heartbeat=self._heartbeat,
+            inactive_threshold=300,
+        )
+        self._sub = sub
+        if not self._loaded:
+            info = await sub.consumer_info()
+            if info.num_pending == 0 and sub.delivered == 0 and not self._loaded:
+                self._mark_loaded()
+
+    def _on_msg(self, msg: Msg) -> None:
+        meta = msg.metadata
+        seq = int(meta.sequence.stream)
+        if seq > self.last_seq:
+            self.last_seq = seq
+            headers = msg.headers or {}
+            op = headers.get(_KV_OP)
+            if op is None and _MARKER in headers:
+                op = _MARKER_OPS.get(headers[_MARKER], "PURGE")
+            self._queue.put_nowait(
+                KeyValue.Entry(
+                    bucket=self.bucket,
+                    key=msg.subject[len(self._prefix) :],
+                    value=msg.data,
+                    revision=seq,
+                    delta=meta.num_pending,
+                    created=None,
+                    operation=op,
+                )
+            )
+        if not self._loaded and meta.num_pending == 0:
+            self._mark_loaded()
+
+    def _mark_loaded(self) -> None:
+        self._loaded = True
+        self._queue.put_nowait(None)

@@ -39,6 +39,10 @@ from nats_apscheduler.store import JetStreamJobStore
 # While the fence is down, a running scheduler re-checks this often (seconds) instead of
 # firing; the election pauses it properly within the same turn of the loop anyway.
 _FENCED_RETRY = 0.1
+# Reconnect quickly (nats-py waits 2 s between tries to one server, which made recovery
+# from a NATS restart take ~4 s), for the same ~2 minutes before giving up and exiting.
+_RECONNECT_WAIT = 0.25
+_RECONNECT_ATTEMPTS = 480
 
 
 class FencedScheduler(AsyncIOScheduler):  # type: ignore[misc]
@@ -105,6 +109,8 @@ class NatsCron:
                 allow_reconnect=False,
             )
             self._nc.options["allow_reconnect"] = True
+            self._nc.options["reconnect_time_wait"] = _RECONNECT_WAIT
+            self._nc.options["max_reconnect_attempts"] = _RECONNECT_ATTEMPTS
         nc = self._nc
         self.store = JetStreamJobStore(
             bucket=s.jobs_bucket, replicas=s.replicas, nc=nc, functions=(FIRE_REF,)

@@ -184,14 +184,16 @@ class Firer:
             logger.bind(subject=spec.subject).warning("fenced: not firing {}", rfc3339(slot))
             return FireOutcome("fenced")
         epoch = self._epoch()
+        scheduled = rfc3339(slot)
         headers = {
             "Nats-Msg-Id": f"{spec.subject}:{slot_ms(slot)}",
             "Nats-Cron-Job": spec.subject,
-            "Nats-Cron-Scheduled": rfc3339(slot),
+            "Nats-Cron-Scheduled": scheduled,
             "Nats-Cron-Instance": self.instance_id,
             "Nats-Cron-Epoch": str(epoch),
         }
         actual = datetime.now(UTC)
+        actual_text = rfc3339(actual)
         error: str | None = None
         status = "fired"
         try:
@@ -205,7 +207,7 @@ class Firer:
             error, status = "publish not confirmed by the server (connection lost)", "unconfirmed"
             self._give_back(job, slot)
         else:
-            self._record(job, slot, actual, error)
+            self._record(job, scheduled, actual_text, error)
         lateness = (actual - slot).total_seconds()
         if self._on_fire is not None:
             since = self._leading_since()
@@ -214,8 +216,8 @@ class Firer:
         if self._history is not None:
             record = {
                 "subject": spec.subject,
-                "scheduled": rfc3339(slot),
-                "actual": rfc3339(actual),
+                "scheduled": scheduled,
+                "actual": actual_text,
                 "instance": self.instance_id,
                 "epoch": epoch,
                 "outcome": status,
@@ -226,15 +228,15 @@ class Firer:
             except (nats.errors.Error, OSError) as exc:
                 logger.bind(subject=spec.subject).warning("history append failed: {}", exc)
         if error:
-            logger.bind(subject=spec.subject, epoch=epoch, scheduled=rfc3339(slot)).error(error)
+            logger.bind(subject=spec.subject, epoch=epoch, scheduled=scheduled).error(error)
             return FireOutcome(status, error)
-        logger.bind(subject=spec.subject, epoch=epoch, scheduled=rfc3339(slot)).debug("fired")
+        logger.bind(subject=spec.subject, epoch=epoch, scheduled=scheduled).debug("fired")
         return FireOutcome("fired")
 
-    def _record(self, job: Job, slot: datetime, actual: datetime, error: str | None) -> None:
+    def _record(self, job: Job, scheduled: str, actual: str, error: str | None) -> None:
         state = dict(job.kwargs.get("state") or {})
-        state["last_scheduled"] = rfc3339(slot)
-        state["last_run"] = rfc3339(actual)
+        state["last_scheduled"] = scheduled
+        state["last_run"] = actual
         state["run_count"] = int(state.get("run_count") or 0) + (0 if error else 1)
         state["last_error"] = error
         job.kwargs = {**job.kwargs, "state": state}

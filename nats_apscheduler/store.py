@@ -143,7 +143,8 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
         # Keyed by id(): Job defines __eq__ without __hash__; a dead object drops out, so an
         # id() is never reused while its entry exists.
         self._stale: weakref.WeakValueDictionary[int, Job] = weakref.WeakValueDictionary()
-        self._queue: dict[str, bytes | None] = {}
+        self._queue: dict[str, bytes | None] = {}  # job id -> record to write (None: delete)
+        self._deferred: dict[str, Job] = {}  # held jobs whose record is encoded at release
         self._held: dict[str, int] = {}  # job id -> holds: its writes wait (see hold())
         self._inflight: dict[str, bytes | None] = {}  # job id -> the write in flight
         self._kick_pending = False
@@ -329,6 +330,13 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
     def update_job(self, job: Job) -> None:
         if self._is_stale(job):
             return  # a copy a remote change replaced: that change wins (checked again below)
+        with self._lock:
+            if job.id in self._held and self._index.lookup_job(job.id) is job:
+                # Encoded once at release(): a fire updates its job twice (APScheduler's
+                # next run time, then our run state) and only the last version is written.
+                self._index.update_job(job)
+                self._deferred[job.id] = job
+                return
         try:
             data = encode_job(job, self.writer_id)
         except ValueError:
@@ -362,6 +370,7 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
                 del self._skipped[job_id]
             else:
                 self._index.remove_job(job_id)
+            self._deferred.pop(job_id, None)
             self._enqueue(job_id, _DELETE)
 
     def remove_all_jobs(self) -> None:
@@ -370,6 +379,7 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
             self._index.remove_all_jobs()
             self._skipped.clear()
             self._stale.clear()
+            self._deferred.clear()
             for job_id in ids:
                 self._enqueue(job_id, _DELETE)
 
@@ -378,7 +388,10 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
 
         An executor holds a job while its fire is in flight, so that the job's advanced
         next run time never reaches KV before the fire itself went out: a crash in between
-        leaves the slot for the next leader instead of losing it.
+        leaves the slot for the next leader instead of losing it. While a job is held,
+        `update_job` of its indexed object only updates the index; its record is encoded
+        once, at the last `release()` (a fire updates a job twice). An update that cannot
+        be encoded is then logged and dropped, and the stored version reloaded.
         """
         with self._lock:
             self._held[job_id] = self._held.get(job_id, 0) + 1
@@ -390,6 +403,16 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
                 self._held[job_id] = holds
                 return
             self._held.pop(job_id, None)
+            job = self._deferred.pop(job_id, None)
+            if job is not None:
+                try:
+                    self._queue[job_id] = encode_job(job, self.writer_id)
+                except ValueError as exc:
+                    # Only an application's own held job can get here (nats-cron's state
+                    # is JSON): keep the last stored version, as a rejected update does.
+                    logger.bind(job_id=job_id).error("cannot store job: {}", exc)
+                    if self._bridge is not None:
+                        self._bridge.soon(self._spawn_resync, job_id)
             if job_id in self._queue:
                 self._kick()
 
@@ -413,7 +436,7 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
     async def aflush(self) -> None:
         """Wait until every write queued so far has been attempted."""
         with self._lock:
-            if not self._queue and not self._inflight:
+            if not self._queue and not self._inflight and not self._deferred:
                 return
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._flushers.append(future)
@@ -422,7 +445,11 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
     async def apersist(self, job_id: str) -> None:
         """Wait for the queued write of `job_id`; WriteConflict if another writer won."""
         with self._lock:
-            if job_id not in self._queue and job_id not in self._inflight:
+            if (
+                job_id not in self._queue
+                and job_id not in self._inflight
+                and job_id not in self._deferred
+            ):
                 return
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.setdefault(job_id, []).append(future)
@@ -450,7 +477,7 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, _RETRY_MAX)
             with self._lock:
-                idle = not self._queue
+                idle = not self._queue and not self._deferred
                 flushers = self._flushers if idle else []
                 if idle:
                     self._flushers = []
@@ -499,7 +526,8 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
         finally:
             with self._lock:
                 self._inflight.pop(job_id, None)
-                waiters = self._waiters.pop(job_id, []) if job_id not in self._queue else []
+                newer = job_id in self._queue or job_id in self._deferred
+                waiters = [] if newer else self._waiters.pop(job_id, [])
         for future in waiters:
             if not future.done():
                 if error is None:
@@ -631,7 +659,8 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
 
     def _drop_queued(self, job_id: str) -> None:
         """Discard a queued write that a newer remote version overtook. Holds the lock."""
-        if self._queue.pop(job_id, _MISSING) is _MISSING:
+        deferred = self._deferred.pop(job_id, None)
+        if self._queue.pop(job_id, _MISSING) is _MISSING and deferred is None:
             return
         if job_id in self._inflight:
             return  # its waiters are answered when the in-flight write ends

@@ -1249,3 +1249,52 @@ async def test_catch_up_waits_until_the_index_holds_what_kv_holds(nc: Client, bu
     finally:
         await other.aclose()
         await store.aclose()
+
+
+async def test_held_job_writes_its_last_version_once(nc: Client, bucket: str) -> None:
+    """A fire updates its held job twice (next run, then run state): one record, the last."""
+    store, scheduler, kv = await _open_shared(nc, bucket)
+    try:
+        store.add_job(make_job(scheduler, "H", DateTrigger(FAR), NOW))
+        await store.apersist("H")
+        before = (await kv.get("H")).revision
+        store.hold("H")
+        job = store.lookup_job("H")
+        assert job is not None
+        job._modify(next_run_time=FAR + timedelta(days=1))
+        store.update_job(job)
+        job._modify(name="recorded")
+        store.update_job(job)
+        assert store.lookup_job("H") is job  # the index is current at once
+        store.release("H")
+        await store.apersist("H")
+        entry = await kv.get("H")
+        assert entry.revision == before + 1  # one write
+        assert json.loads(entry.value)["name"] == "recorded"
+    finally:
+        await store.aclose()
+
+
+async def test_remote_change_during_a_hold_wins_over_the_held_update(
+    nc: Client, bucket: str
+) -> None:
+    store, scheduler, kv = await _open_shared(nc, bucket)
+    try:
+        store.add_job(make_job(scheduler, "H", DateTrigger(FAR), NOW))
+        await store.apersist("H")
+        store.hold("H")
+        job = store.lookup_job("H")
+        assert job is not None
+        job._modify(name="local")
+        store.update_job(job)
+        remote = json.loads((await kv.get("H")).value)
+        remote.update(writer="intruder", name="remote")
+        revision = await kv.put("H", json.dumps(remote).encode())
+        assert await store.catch_up(timeout=5)
+        store.release("H")
+        await store.aflush()
+        assert (await kv.get("H")).revision == revision
+        current = store.lookup_job("H")
+        assert current is not None and current.name == "remote"
+    finally:
+        await store.aclose()

@@ -59,11 +59,8 @@ class Confirmer:
         if self._next is None:
             self._next = asyncio.get_running_loop().create_future()
             asyncio.get_running_loop().call_soon(self._send)
-        future = self._next
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), self.timeout)
-        except TimeoutError:
-            return False
+        # One future and one timer per marker, shared by its waiters (no per-fire timer).
+        return await asyncio.shield(self._next)
 
     def connection_lost(self) -> None:
         """Call from the disconnected callback: every pending confirmation fails at once."""
@@ -76,9 +73,17 @@ class Confirmer:
             return
         self._seq += 1
         self._waiting[self._seq] = (self._generation(), future)
-        task = asyncio.get_running_loop().create_task(self._publish(self._seq))
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._publish(self._seq))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        timer = loop.call_later(self.timeout, self._expire, self._seq)
+        future.add_done_callback(lambda _: timer.cancel())
+
+    def _expire(self, seq: int) -> None:
+        entry = self._waiting.pop(seq, None)
+        if entry is not None and not entry[1].done():
+            entry[1].set_result(False)  # no proof in time
 
     async def _publish(self, seq: int) -> None:
         try:

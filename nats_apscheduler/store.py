@@ -551,21 +551,31 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
         task.add_done_callback(self._background.discard)
 
     async def _resync(self, job_id: str) -> None:
-        """After a lost race, make the local copy what KV holds now."""
-        assert self._kv is not None
+        """After a lost race, make the local copy what KV holds now.
+
+        Read from the stream leader, not with a direct get: in a cluster a direct get may
+        be answered by a replica that lags behind, and applying its older version would
+        make the scheduler fire a recorded slot again.
+        """
+        assert self._nc is not None
         try:
-            entry = await self._kv.get(job_id)
-            value, revision, deleted = entry.value, entry.revision, entry.value is None
-        except nats.js.errors.KeyNotFoundError as exc:
-            entry_rev = getattr(getattr(exc, "entry", None), "revision", None)
-            value, revision, deleted = None, entry_rev or 0, True
+            msg = await self._nc.jetstream().get_msg(
+                f"KV_{self.bucket}", subject=f"$KV.{self.bucket}.{job_id}", direct=False
+            )
+            headers = msg.headers or {}
+            deleted = headers.get(_KV_OP) in ("DEL", "PURGE") or "Nats-Marker-Reason" in headers
+            value, revision = (None if deleted else msg.data), int(msg.seq or 0)
+        except nats.js.errors.NotFoundError:
+            value, revision = None, 0
         except (nats.errors.Error, TimeoutError) as exc:
             logger.bind(job_id=job_id).warning("reloading job after a conflict failed: {}", exc)
             return
         with self._lock:
-            self._revisions[job_id] = max(revision or 0, self._revisions.get(job_id, 0))
+            if revision and revision < self._revisions.get(job_id, 0):
+                return  # the watch already brought something newer
+            self._revisions[job_id] = max(revision, self._revisions.get(job_id, 0))
             self._drop_queued(job_id)
-            self._apply(job_id, None if deleted else value)
+            self._apply(job_id, value)
         self._wakeup_scheduler()
 
     # --- the watch -----------------------------------------------------------------------------

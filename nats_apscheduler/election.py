@@ -112,9 +112,9 @@ class Election:
 
     async def start(self) -> None:
         try:
-            kv = await self._js.key_value(self.bucket)
+            await self._js.key_value(self.bucket)
         except nats.js.errors.BucketNotFoundError:
-            kv = await self._js.create_key_value(
+            await self._js.create_key_value(
                 KeyValueConfig(
                     bucket=self.bucket,
                     history=1,
@@ -123,7 +123,6 @@ class Election:
                     limit_marker_ttl=max(1.0, self.ttl),
                 )
             )
-        del kv
         self._feed = KVFeed(self._nc, self.bucket, LEASE_KEY)
         await self._feed.start()
         loop = asyncio.get_running_loop()

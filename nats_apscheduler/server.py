@@ -192,6 +192,8 @@ class NatsCron:
         log = logger.bind(instance_id=self.settings.instance_id)
         if hasattr(self, "scheduler") and self.scheduler.running:
             self.scheduler.pause()
+        for task in self._background:  # a term that had not started firing yet
+            task.cancel()
         if hasattr(self, "executor"):
             await self.executor.drain(timeout=5)
         if hasattr(self, "store"):

@@ -470,7 +470,10 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
                     del self._queue[job_id]
                 self._inflight.update(batch)
             if batch:
-                results = await asyncio.gather(*(self._write(k, v) for k, v in batch.items()))
+                if len(batch) == 1:  # the common case on the fire path: no task per write
+                    results = [await self._write(*next(iter(batch.items())))]
+                else:
+                    results = await asyncio.gather(*(self._write(k, v) for k, v in batch.items()))
                 if all(results):
                     backoff = _RETRY_MIN
                 else:  # NATS unreachable: retry the failed keys, backing off

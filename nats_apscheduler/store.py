@@ -615,13 +615,18 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
         assert self._nc is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        try:
-            info = await asyncio.wait_for(
-                self._nc.jetstream().stream_info(f"KV_{self.bucket}"), timeout
-            )
-        except (nats.errors.Error, TimeoutError) as exc:
-            logger.bind(bucket=self.bucket).warning("cannot check the job watch: {}", exc)
-            return False
+        while True:  # right after a node restart the stream may have no leader for a bit
+            remaining = deadline - loop.time()
+            try:
+                info = await asyncio.wait_for(
+                    self._nc.jetstream().stream_info(f"KV_{self.bucket}"), max(remaining, 0.01)
+                )
+                break
+            except (nats.errors.Error, TimeoutError) as exc:
+                if deadline - loop.time() <= _RETRY_MIN:
+                    logger.bind(bucket=self.bucket).warning("cannot check the job watch: {}", exc)
+                    return False
+                await asyncio.sleep(_RETRY_MIN)
         target = int(info.state.last_seq)
         stall = min(0.5, timeout / 4)
         while self._applied_seq < target:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import re
 import threading
 import uuid
@@ -46,7 +47,7 @@ import nats.js.errors
 from apscheduler.job import Job
 from apscheduler.jobstores.base import BaseJobStore, ConflictingIdError
 from apscheduler.jobstores.memory import MemoryJobStore
-from apscheduler.util import obj_to_ref, ref_to_obj
+from apscheduler.util import datetime_to_utc_timestamp, obj_to_ref, ref_to_obj
 from loguru import logger
 from nats.aio.client import Client
 from nats.js.api import KeyValueConfig
@@ -158,6 +159,7 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
         self._closing = False
         self._applied = 0  # watched entries handled (load progress)
         self._applied_seq = 0  # stream sequence of the last watched entry handled
+        self._bulk: dict[str, Job] | None = None
         self._feed: KVFeed | None = None
         self._sync_waiters: list[tuple[int, asyncio.Future[None]]] = []
         #: Called (on the loop) if the watch or writer task dies; the service exits on it.
@@ -188,6 +190,7 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
             self._skipped.clear()
             self._stale.clear()
         self._applied_seq = 0
+        self._bulk = {}  # jobs of the initial load, indexed at once when it ends
         self._wake = asyncio.Event()
         self._loaded = asyncio.Event()
         self._tasks = [
@@ -590,6 +593,8 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
         try:
             async for entry in feed:
                 if entry is None:
+                    with self._lock:
+                        self._index_bulk()
                     self._loaded.set()
                     self._wakeup_scheduler()
                     continue
@@ -692,6 +697,8 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
 
     def _apply(self, job_id: str, value: bytes | None) -> None:
         """Replace the local copy of `job_id` with KV's (None: deleted). Holds the lock."""
+        if self._bulk is not None:
+            self._bulk.pop(job_id, None)
         old = self._index.lookup_job(job_id)
         if old is not None:
             self._index.remove_job(job_id)
@@ -712,7 +719,25 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
             )
             return
         self._attach(job)
-        self._index.add_job(job)
+        if self._bulk is not None:
+            self._bulk[job_id] = job
+        else:
+            self._index.add_job(job)
+
+    def _index_bulk(self) -> None:
+        """Index the jobs of the initial load with one sort. Holds the lock.
+
+        `MemoryJobStore.add_job` costs a pure-Python bisection and a list insert per job,
+        quadratic over a load of 100,000 jobs in random next-run order. This builds the same
+        structure (APScheduler 3's: a list of (job, timestamp) sorted by timestamp, None
+        last, then id; and an id -> entry dict) in one go.
+        """
+        jobs, self._bulk = self._bulk or {}, None
+        entries = list(self._index._jobs)
+        entries.extend((job, datetime_to_utc_timestamp(job.next_run_time)) for job in jobs.values())
+        entries.sort(key=lambda e: (math.inf if e[1] is None else e[1], e[0].id))
+        self._index._jobs = entries
+        self._index._jobs_index = {entry[0].id: entry for entry in entries}
 
     def _is_stale(self, job: Job) -> bool:
         return self._stale.get(id(job)) is job

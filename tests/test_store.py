@@ -1280,3 +1280,33 @@ async def test_remote_change_during_a_hold_wins_over_the_held_update(
         assert current is not None and current.name == "remote"
     finally:
         await store.aclose()
+
+
+async def test_initial_load_indexes_like_the_memory_store(nc: Client, bucket: str) -> None:
+    """The load builds the index with one sort: same order and due jobs as MemoryJobStore
+    fed the same jobs one by one (ties on the run time broken by id, paused jobs last)."""
+    writer, scheduler, _kv = await _open_shared(nc, bucket)
+    reference = MemoryJobStore()
+    rng = random.Random(7)
+    try:
+        for i in rng.sample(range(300), 300):
+            when = None if i % 17 == 0 else NOW + timedelta(seconds=rng.randrange(50))
+            job = make_job(scheduler, f"J{i}", DateTrigger(FAR), NOW)
+            job.next_run_time = when
+            writer.add_job(job)
+            reference.add_job(make_job(scheduler, f"J{i}", DateTrigger(FAR), NOW))
+            reference.lookup_job(f"J{i}").next_run_time = when
+            reference.update_job(reference.lookup_job(f"J{i}"))
+        await writer.aflush()
+    finally:
+        await writer.aclose()
+    loaded, _scheduler, _kv = await _open_shared(nc, bucket)
+    try:
+        assert [j.id for j in loaded.get_all_jobs()] == [j.id for j in reference.get_all_jobs()]
+        due = NOW + timedelta(seconds=25)
+        assert [j.id for j in loaded.get_due_jobs(due)] == [
+            j.id for j in reference.get_due_jobs(due)
+        ]
+        assert loaded.get_next_run_time() == reference.get_next_run_time()
+    finally:
+        await loaded.aclose()

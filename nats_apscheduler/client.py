@@ -56,8 +56,13 @@ class CronClient:
         return reply
 
     async def list(self) -> Documents:
+        """Every job, following the pages of `nats-cron.jobs.list`."""
         reply = await self.request("nats-cron.jobs.list")
-        return list(reply["jobs"])
+        jobs = list(reply["jobs"])
+        while reply.get("next"):
+            reply = await self.request("nats-cron.jobs.list", {"after": reply["next"]})
+            jobs.extend(reply["jobs"])
+        return jobs
 
     async def get(self, subject: str) -> dict[str, Any]:
         return dict(await self.request("nats-cron.jobs.get", {"subject": subject}))

@@ -8,8 +8,9 @@ leader.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -82,6 +83,13 @@ class JobManager:
 
     def list(self) -> Documents:
         return [self.describe(job) for job in self._store.get_all_jobs()]
+
+    def list_after(self, after: str | None) -> Iterator[dict[str, Any]]:
+        """The jobs in subject order, from the first subject after `after`, described
+        lazily (a page of the API's list describes only what fits in its reply)."""
+        jobs = sorted(self._store.get_all_jobs(), key=lambda job: str(job.id))
+        start = 0 if after is None else bisect.bisect_right([str(j.id) for j in jobs], after)
+        return (self.describe(job) for job in jobs[start:])
 
     def get(self, subject: str) -> dict[str, Any]:
         return self.describe(self._job(subject))

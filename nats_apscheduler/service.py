@@ -27,8 +27,10 @@ SERVICE_NAME = "nats-cron"
 DESCRIPTION = "NATS Cron Scheduler"
 QUEUE_GROUP = "q"
 HISTORY_LIMIT_MAX = 1000
+# Room left in a list page for the reply's envelope and the micro framework's headers.
+_PAGE_HEADROOM = 4096
 
-Handler = Callable[[Any], Awaitable[dict[str, Any]]]
+Handler = Callable[[Any], Awaitable[dict[str, Any] | bytes]]
 
 
 class ApiError(Exception):
@@ -125,7 +127,8 @@ class CronService:
             try:
                 body = _parse_json(request.data, needs_body)
                 reply = await handler(body)
-                await request.respond(json.dumps(reply).encode())
+                data = reply if isinstance(reply, bytes) else json.dumps(reply).encode()
+                await request.respond(data)
             except Exception as exc:  # every failure becomes a reply, never a crash
                 code, message = _classify(exc)
                 if code >= 500:
@@ -149,8 +152,31 @@ class CronService:
 
     # --- handlers ----------------------------------------------------------------------------
 
-    async def _list(self, body: Any) -> dict[str, Any]:
-        return {"jobs": self._jobs.list()}
+    async def _list(self, body: Any) -> bytes:
+        """One page of jobs in subject order: as many as fit in one message.
+
+        The reply is `{"jobs": [...], "next": s}`; `next` is the subject to send as
+        `{"after": s}` for the following page, null on the last one. With few jobs (and
+        for clients of the Go version, which send no body) one page holds them all.
+        """
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body: must be empty or a JSON object")
+        after = body.get("after")
+        if after is not None and not isinstance(after, str):
+            raise ApiError(400, "after: must be a string (the `next` of the previous page)")
+        budget = self._nc.max_payload - _PAGE_HEADROOM
+        pieces: list[bytes] = []
+        size, last, more = 0, None, False
+        for doc in self._jobs.list_after(after):
+            piece = json.dumps(doc).encode()
+            if pieces and size + len(piece) + 2 > budget:
+                more = True
+                break
+            pieces.append(piece)
+            size += len(piece) + 2
+            last = doc["target"]["subject"]
+        following = json.dumps(last if more else None).encode()
+        return b'{"jobs": [' + b", ".join(pieces) + b'], "next": ' + following + b"}"
 
     async def _get(self, body: Any) -> dict[str, Any]:
         return self._jobs.get(_field(body, "subject"))
@@ -210,6 +236,8 @@ def _classify(exc: Exception) -> tuple[int, str]:
         return 404, str(exc)
     if isinstance(exc, Conflict):
         return 409, str(exc)
+    if isinstance(exc, nats.errors.MaxPayloadError):
+        return 500, "reply larger than the server's max_payload"
     if isinstance(exc, StoreError | nats.errors.Error | TimeoutError):
         return 503, f"storage unavailable: {exc}"
     return 500, f"internal error: {type(exc).__name__}: {exc}"

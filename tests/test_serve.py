@@ -286,3 +286,42 @@ async def test_missed_slots_respect_the_grace_window(nats_url, bucket, recorder,
         assert len(recorder.of(keep)) == len({f.msg_id for f in recorder.of(keep)})
     finally:
         await cron.stop()
+
+
+async def test_list_pages_when_the_jobs_do_not_fit_in_one_message(nc, nats_url, bucket):
+    """More jobs than one message holds: `list` pages by subject, and the client follows."""
+    from nats_apscheduler.server import NatsCron
+    from nats_apscheduler.settings import Connection, Settings
+
+    settings = Settings(
+        connection=Connection(url=nats_url),
+        instance_id="pager",
+        jobs_bucket=f"{bucket}-jobs",
+        leader_bucket=f"{bucket}-leader",
+        history_stream=f"H_{bucket}",
+    )
+    cron = NatsCron(settings)
+    await cron.start()
+    try:
+        big = "x" * (nc.max_payload // 8)  # eight of these fill a message
+        subjects = [f"{bucket}.big.{i:02d}" for i in range(20)]
+        for subject in subjects:
+            document = job(subject, payload={"type": "text", "data": big})
+            document["schedule"] = {"every": "24h"}
+            await cron.jobs.create(document)
+        api = CronClient(nc, timeout=10)
+        first = await api.request("nats-cron.jobs.list")
+        assert 0 < len(first["jobs"]) < len(subjects) and first["next"]
+        assert [j["target"]["subject"] for j in first["jobs"]] == subjects[: len(first["jobs"])]
+        assert first["next"] == first["jobs"][-1]["target"]["subject"]
+        everything = await api.list()
+        assert [j["target"]["subject"] for j in everything] == subjects
+        assert all(j["payload"]["data"] == big for j in everything)
+        last = await api.request("nats-cron.jobs.list", {"after": subjects[-2]})
+        assert [j["target"]["subject"] for j in last["jobs"]] == subjects[-1:]
+        assert last["next"] is None
+        with pytest.raises(ApiError) as bad:
+            await api.request("nats-cron.jobs.list", {"after": 5})
+        assert bad.value.code == 400 and "after" in str(bad.value)
+    finally:
+        await cron.stop()

@@ -15,7 +15,9 @@ decode), on one connection:
 - create: a new job (`every 1h`) per request; get: a random existing job; status.
 Ops interleave per round (echo, micro_echo, create, get, status, ...). Then `--list-jobs`
 jobs (10,000) are stored through the service's JobManager/JetStreamJobStore; once the
-instance has loaded them all: `list` (`--list-repeats` times), and get/create/status again
+instance has loaded them all: `list` (`--list-repeats` times: its first page as one raw
+request, and every job through `CronClient.list()`, which follows the pages), and
+get/create/status again
 at that size. List's baseline: a raw KV watch of the whole jobs bucket from here.
 Prints one JSON object: per op p50/p99/max (ms) pooled over the rounds, the medians of
 the per-round p50 and p99, the ratios of the p50/p99 to the echo baseline's, and for
@@ -162,9 +164,20 @@ async def list_runs(api: CronClient, nc: Client, bucket: str, repeats: int) -> d
             times.append(elapsed)
         except Exception as exc:  # timeouts, no responders...
             errors.append(f"{type(exc).__name__}: {exc}")
+    full: list[float] = []  # every job, through the pages (CronClient.list)
+    count = 0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        try:
+            count = len(await api.list())
+            full.append(time.perf_counter() - t0)
+        except Exception as exc:
+            errors.append(f"full list: {type(exc).__name__}: {exc}")
     raw = [await raw_bucket_read(nc, bucket) for _ in range(repeats)]
     return {
         "latency": summary(times),
+        "full_list_latency": summary(full),
+        "full_list_jobs": count,
         "reply_bytes": max(sizes) if sizes else None,
         "errors": sorted(set(errors)),
         "error_count": len(errors),

@@ -82,13 +82,14 @@ class JobManager:
     # --- reads ---------------------------------------------------------------------------
 
     def list(self) -> Documents:
-        return [self.describe(job) for job in self._store.get_all_jobs()]
+        """Every job, in subject order (as the API's `list` pages them)."""
+        return list(self.list_after(None))
 
     def list_after(self, after: str | None) -> Iterator[dict[str, Any]]:
         """The jobs in subject order, from the first subject after `after`, described
         lazily (a page of the API's list describes only what fits in its reply)."""
-        jobs = sorted(self._store.get_all_jobs(), key=lambda job: str(job.id))
-        start = 0 if after is None else bisect.bisect_right([str(j.id) for j in jobs], after)
+        jobs = sorted(self._store.get_all_jobs(), key=_subject_of)
+        start = 0 if after is None else bisect.bisect_right(jobs, after, key=_subject_of)
         return (self.describe(job) for job in jobs[start:])
 
     def get(self, subject: str) -> dict[str, Any]:
@@ -252,3 +253,7 @@ class JobManager:
             except WriteConflict:
                 continue
         raise Conflict(f"job {subject!r} kept changing concurrently; retry")
+
+
+def _subject_of(job: Job) -> str:
+    return str(job.id)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import nats.errors
@@ -32,10 +33,19 @@ _RETRY = 0.25  # seconds between attempts to re-create the consumer
 class KVFeed:
     """Entries of `keys` in a KV bucket, in stream order; `None` once the initial state is in.
 
-    Iterate with `async for entry in feed` after `await feed.start()`.
+    Iterate with `async for entry in feed` after `await feed.start()`, or pass `handler`:
+    it is then called with each entry straight from the subscription's callback (no queue
+    and no task switch per entry; the job store's hot path), and must not raise.
     """
 
-    def __init__(self, nc: Client, bucket: str, keys: str = ">", heartbeat: float = 1.0) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        bucket: str,
+        keys: str = ">",
+        heartbeat: float = 1.0,
+        handler: Callable[[KeyValue.Entry | None], None] | None = None,
+    ) -> None:
         self._nc = nc
         self._js = nc.jetstream()
         self.bucket = bucket
@@ -44,6 +54,7 @@ class KVFeed:
         self._subject = self._prefix + keys
         self._heartbeat = heartbeat
         self._queue: asyncio.Queue[KeyValue.Entry | None] = asyncio.Queue()
+        self._deliver = handler or self._queue.put_nowait
         self._sub: Any = None
         self._generation = 0  # which subscription a callback belongs to
         self._loaded = False
@@ -143,28 +154,40 @@ class KVFeed:
                 self._mark_loaded()
 
     def _on_msg(self, msg: Msg) -> None:
-        meta = msg.metadata
-        seq = int(meta.sequence.stream)
+        seq, pending = _position(msg)
         if seq > self.last_seq:
             self.last_seq = seq
             headers = msg.headers or {}
             op = headers.get(_KV_OP)
             if op is None and _MARKER in headers:
                 op = _MARKER_OPS.get(headers[_MARKER], "PURGE")
-            self._queue.put_nowait(
+            self._deliver(
                 KeyValue.Entry(
                     bucket=self.bucket,
                     key=msg.subject[len(self._prefix) :],
                     value=msg.data,
                     revision=seq,
-                    delta=meta.num_pending,
+                    delta=pending,
                     created=None,
                     operation=op,
                 )
             )
-        if not self._loaded and meta.num_pending == 0:
+        if not self._loaded and pending == 0:
             self._mark_loaded()
 
     def _mark_loaded(self) -> None:
         self._loaded = True
-        self._queue.put_nowait(None)
+        self._deliver(None)
+
+
+def _position(msg: Msg) -> tuple[int, int]:
+    """(stream sequence, messages pending) of a consumer's message, from its reply subject.
+
+    The common form is parsed here (`msg.metadata` builds a dataclass, a datetime and two
+    more objects per message); any other goes through nats-py.
+    """
+    tokens = (msg.reply or "").split(".")
+    if len(tokens) == 9 and tokens[0] == "$JS" and tokens[1] == "ACK":
+        return int(tokens[5]), int(tokens[8])
+    meta = msg.metadata
+    return int(meta.sequence.stream), int(meta.num_pending)

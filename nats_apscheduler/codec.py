@@ -163,6 +163,46 @@ def decode_trigger(data: dict[str, Any]) -> BaseTrigger:
 
 def encode_job(job: Job, writer: str) -> bytes:
     """The KV record of `job`; ValueError if any part cannot be stored as JSON."""
+    return _encode_record(job, writer, _dumps(encode_trigger(job.trigger), job))
+
+
+class RecordEncoder:
+    """`encode_job` that encodes each job's trigger once per trigger object.
+
+    A fire re-encodes its job's record to store the new next run time; the trigger, most
+    of the work, does not change (APScheduler replaces a job's trigger object when it is
+    rescheduled and never changes one in place).
+    """
+
+    def __init__(self) -> None:
+        self._triggers: dict[str, tuple[BaseTrigger, str]] = {}
+
+    def encode(self, job: Job, writer: str) -> bytes:
+        cached = self._triggers.get(job.id)
+        if cached is None or cached[0] is not job.trigger:
+            cached = self._triggers[job.id] = (
+                job.trigger,
+                _dumps(encode_trigger(job.trigger), job),
+            )
+        return _encode_record(job, writer, cached[1])
+
+    def forget(self, job_id: str) -> None:
+        self._triggers.pop(job_id, None)
+
+    def clear(self) -> None:
+        self._triggers.clear()
+
+
+def _dumps(value: Any, job: Job) -> str:
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"job {job.id!r}: args and kwargs must be JSON-serialisable ({exc})"
+        ) from exc
+
+
+def _encode_record(job: Job, writer: str, trigger: str) -> bytes:
     if not job.func_ref:
         raise ValueError(f"job {job.id!r}: its function has no textual reference (module:name)")
     record = {
@@ -177,15 +217,11 @@ def encode_job(job: Job, writer: str) -> bytes:
         "coalesce": job.coalesce,
         "max_instances": job.max_instances,
         "next_run_time": _dt(job.next_run_time),
-        "trigger": encode_trigger(job.trigger),
-        "writer": writer,
     }
-    try:
-        return json.dumps(record, separators=(",", ":"), allow_nan=False).encode()
-    except (TypeError, ValueError) as exc:
-        raise ValueError(
-            f"job {job.id!r}: args and kwargs must be JSON-serialisable ({exc})"
-        ) from exc
+    # The trigger and the writer last, in that order: `"writer":"<id>"}` ends every record
+    # (the store recognises the echo of its own writes by it).
+    head = _dumps(record, job)
+    return f'{head[:-1]},"trigger":{trigger},"writer":{json.dumps(writer)}}}'.encode()
 
 
 def decode_record(raw: bytes) -> dict[str, Any]:

@@ -55,8 +55,9 @@ from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
 from nats_apscheduler._bridge import LoopBridge
+from nats_apscheduler._kvwrite import KVWrites, Outcome
 from nats_apscheduler._watch import KVFeed
-from nats_apscheduler.codec import build_job, decode_record, encode_job
+from nats_apscheduler.codec import RecordEncoder, build_job, decode_record
 from nats_apscheduler.errors import RecordError, StoreError, WriteConflict
 
 DEFAULT_BUCKET = "nats-cron-jobs"
@@ -138,6 +139,7 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
         self._kv: KeyValue | None = None
         self._lock = threading.RLock()
         self._index = MemoryJobStore()
+        self._encoder = RecordEncoder()
         self._revisions: dict[str, int] = {}
         self._skipped: dict[str, str] = {}  # job id -> why its record is not loaded
         # Job objects replaced by a remote change (all of them, not only the latest per id:
@@ -151,7 +153,15 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
         self._inflight: dict[str, bytes | None] = {}  # job id -> the write in flight
         self._kick_pending = False
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
-        self._flushers: list[asyncio.Future[None]] = []
+        # Flushing: the ticket of each outstanding key's oldest unwritten change, and each
+        # flusher's ticket (the last one given out when it called). A flusher is done once
+        # no outstanding key is as old, even if newer changes keep coming (a busy store
+        # firing thousands of jobs a second is never idle).
+        self._tick = 0
+        self._since: dict[str, int] = {}  # queued or deferred changes
+        self._flying: dict[str, int] = {}  # changes in flight
+        self._flushers: list[tuple[int, asyncio.Future[None]]] = []
+        self._writes: KVWrites | None = None
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
@@ -192,6 +202,8 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
             self._stale.clear()
         self._applied_seq = 0
         self._bulk = {}  # jobs of the initial load, indexed at once when it ends
+        self._writes = KVWrites(self._nc, self.bucket)
+        await self._writes.start()
         self._wake = asyncio.Event()
         self._loaded = asyncio.Event()
         self._tasks = [
@@ -285,6 +297,9 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        if self._writes is not None:
+            await self._writes.stop()
+            self._writes = None
         self._opened = False
         if self._own_nc and self._nc is not None and not self._nc.is_closed:
             await self._nc.close()
@@ -334,7 +349,7 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
             )
         if not self._resolver.allowed(job.func_ref or ""):
             raise ValueError(f"function {job.func_ref!r} is not on the store's allow-list")
-        data = encode_job(job, self.writer_id)
+        data = self._encoder.encode(job, self.writer_id)
         with self._lock:
             if job.id in self._skipped:
                 raise ConflictingIdError(job.id)
@@ -350,11 +365,12 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
             if job.id in self._held and self._index.lookup_job(job.id) is job:
                 # Encoded once at release(): a fire updates its job twice (APScheduler's
                 # next run time, then our run state) and only the last version is written.
-                self._index.update_job(job)
+                self._reindex(job)
                 self._deferred[job.id] = job
+                self._outstanding(job.id)
                 return
         try:
-            data = encode_job(job, self.writer_id)
+            data = self._encoder.encode(job, self.writer_id)
         except ValueError:
             # APScheduler already changed this Job object in place: take it out of the
             # index so it can never run in that state, and reload the stored version.
@@ -377,7 +393,7 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
             if self._is_stale(job):
                 # The scheduler still held the copy a remote change replaced: that change wins.
                 return
-            self._index.update_job(job)
+            self._reindex(job)
             self._enqueue(job.id, data)
 
     def remove_job(self, job_id: str) -> None:
@@ -387,6 +403,7 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
             else:
                 self._index.remove_job(job_id)
             self._deferred.pop(job_id, None)
+            self._encoder.forget(job_id)
             self._enqueue(job_id, _DELETE)
 
     def remove_all_jobs(self) -> None:
@@ -396,6 +413,7 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
             self._skipped.clear()
             self._stale.clear()
             self._deferred.clear()
+            self._encoder.clear()
             for job_id in ids:
                 self._enqueue(job_id, _DELETE)
 
@@ -422,20 +440,28 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
             job = self._deferred.pop(job_id, None)
             if job is not None:
                 try:
-                    self._queue[job_id] = encode_job(job, self.writer_id)
+                    self._queue[job_id] = self._encoder.encode(job, self.writer_id)
                 except ValueError as exc:
                     # Only an application's own held job can get here (nats-cron's state
                     # is JSON): keep the last stored version, as a rejected update does.
                     logger.bind(job_id=job_id).error("cannot store job: {}", exc)
                     if self._bridge is not None:
                         self._bridge.soon(self._spawn_resync, job_id)
+                    self._since.pop(job_id, None)
+                    if self._flushers:
+                        self._kick()
             if job_id in self._queue:
                 self._kick()
 
     def _enqueue(self, job_id: str, data: bytes | None) -> None:
         self._queue[job_id] = data
+        self._outstanding(job_id)
         if job_id not in self._held:
             self._kick()
+
+    def _outstanding(self, job_id: str) -> None:
+        self._tick += 1
+        self._since.setdefault(job_id, self._tick)
 
     def _kick(self) -> None:
         if not self._kick_pending and self._bridge is not None and self._wake is not None:
@@ -450,12 +476,13 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
             self._bridge.call(self.aflush(), self._timeout, "JetStreamJobStore.flush()")
 
     async def aflush(self) -> None:
-        """Wait until every write queued so far has been attempted."""
+        """Wait until every change made so far has been written (or lost its race)."""
         with self._lock:
-            if not self._queue and not self._inflight and not self._deferred:
+            if not self._since and not self._flying:
                 return
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._flushers.append(future)
+            self._flushers.append((self._tick, future))
+        self._kick()
         await future
 
     async def apersist(self, job_id: str) -> None:
@@ -484,85 +511,97 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
                 batch = {k: v for k, v in self._queue.items() if k not in self._held}
                 for job_id in batch:
                     del self._queue[job_id]
+                    self._flying[job_id] = self._since.pop(job_id, self._tick)
                 self._inflight.update(batch)
             if batch:
-                if len(batch) == 1:  # the common case on the fire path: no task per write
-                    results = [await self._write(*next(iter(batch.items())))]
-                else:
-                    results = await asyncio.gather(*(self._write(k, v) for k, v in batch.items()))
-                if all(results):
+                if await self._write(batch):
                     backoff = _RETRY_MIN
                 else:  # NATS unreachable: retry the failed keys, backing off
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, _RETRY_MAX)
             with self._lock:
-                idle = not self._queue and not self._deferred
-                flushers = self._flushers if idle else []
-                if idle:
-                    self._flushers = []
                 if any(job_id not in self._held for job_id in self._queue):
                     self._wake.set()
+                flushers = self._due_flushers()
             for future in flushers:
                 if not future.done():
                     future.set_result(None)
 
-    async def _write(self, job_id: str, data: bytes | None) -> bool:
-        """One compare-and-set write; False if it must be retried (transport error)."""
-        assert self._kv is not None and self._nc is not None
-        error: BaseException | None = None
-        retry = False
-        with self._lock:
-            last = self._revisions.get(job_id)
-        try:
-            if data is None:
-                if last is not None:
-                    revision = await self._delete(job_id, last)
-                    with self._lock:
-                        self._revisions[job_id] = max(revision, self._revisions.get(job_id, 0))
-            elif last is None:
-                revision = await self._kv.create(job_id, data)
-                with self._lock:
-                    self._revisions[job_id] = max(revision, self._revisions.get(job_id, 0))
-            else:
-                revision = await self._kv.update(job_id, data, last=last)
-                with self._lock:
-                    self._revisions[job_id] = max(revision, self._revisions.get(job_id, 0))
-        except nats.js.errors.InvalidKeyError as exc:
-            error = StoreError(f"job id {job_id!r} is not a valid KV key")
-            logger.bind(job_id=job_id).error("cannot store job: {}", exc)
-        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError) as exc:
-            error = WriteConflict(f"job {job_id!r} was changed by another writer")
-            logger.bind(job_id=job_id).info(
-                "write lost a compare-and-set race; reloading ({})", exc
+    def _due_flushers(self) -> list[asyncio.Future[None]]:
+        """Flushers whose writes are all done: nothing outstanding is as old. Holds the lock."""
+        if not self._flushers:
+            return []
+        oldest = min(
+            min(self._since.values(), default=math.inf),
+            min(self._flying.values(), default=math.inf),
+        )
+        due = [future for ticket, future in self._flushers if ticket < oldest]
+        self._flushers = [(ticket, f) for ticket, f in self._flushers if ticket >= oldest]
+        return due
+
+    async def _write(self, batch: dict[str, bytes | None]) -> bool:
+        """Compare-and-set writes of a batch, pipelined; False if some must be retried."""
+        assert self._kv is not None and self._writes is not None
+        with self._lock:  # a delete of a key KV never had has nothing to do
+            writes = [
+                (job_id, data, self._revisions.get(job_id, 0))
+                for job_id, data in batch.items()
+                if data is not None or job_id in self._revisions
+            ]
+        outcomes: dict[str, Outcome | None] = dict.fromkeys(batch)
+        for (job_id, data, last), outcome in zip(
+            writes, await self._writes.send(writes), strict=True
+        ):
+            if last == 0 and isinstance(outcome, nats.js.errors.KeyWrongLastSequenceError):
+                # A create over a deleted key must name the deletion's revision: nats-py's
+                # create() looks it up (and still fails if the key holds a value).
+                assert data is not None
+                try:
+                    outcome = await self._kv.create(job_id, data)
+                except (nats.errors.Error, TimeoutError, OSError) as exc:
+                    outcome = exc
+            outcomes[job_id] = outcome
+        failed = [(job_id, result) for job_id, result in outcomes.items() if _is_transient(result)]
+        if failed:
+            logger.bind(bucket=self.bucket).error(
+                "writing {} job(s) failed, retrying: {} (first: {!r})",
+                len(failed),
+                failed[0][1],
+                failed[0][0],
             )
-            await self._resync(job_id)
-        except (nats.errors.Error, TimeoutError, OSError) as exc:
-            error = StoreError(f"writing job {job_id!r} failed: {exc}")
-            logger.bind(job_id=job_id).error("writing job failed: {}", exc)
+        for job_id, result in outcomes.items():
+            await self._settle(job_id, batch[job_id], result)
+        return not failed
+
+    async def _settle(self, job_id: str, data: bytes | None, outcome: Outcome | None) -> None:
+        """Record one write's outcome (None: nothing was written) and answer its waiters."""
+        error: BaseException | None = None
+        with self._lock:
+            ticket = self._flying.pop(job_id, self._tick)
+        if isinstance(outcome, int):
+            with self._lock:
+                self._revisions[job_id] = max(outcome, self._revisions.get(job_id, 0))
+        elif _is_transient(outcome):
+            error = StoreError(f"writing job {job_id!r} failed: {outcome}")
             with self._lock:  # retry later unless something newer is queued
                 self._queue.setdefault(job_id, data)
-            retry = True
-        finally:
-            with self._lock:
-                self._inflight.pop(job_id, None)
-                newer = job_id in self._queue or job_id in self._deferred
-                waiters = [] if newer else self._waiters.pop(job_id, [])
+                self._since[job_id] = min(ticket, self._since.get(job_id, ticket))
+        elif outcome is not None:
+            error = WriteConflict(f"job {job_id!r} was changed by another writer")
+            logger.bind(job_id=job_id).info(
+                "write lost a compare-and-set race; reloading ({!r})", outcome
+            )
+            await self._resync(job_id)
+        with self._lock:
+            self._inflight.pop(job_id, None)
+            newer = job_id in self._queue or job_id in self._deferred
+            waiters = [] if newer else self._waiters.pop(job_id, [])
         for future in waiters:
             if not future.done():
                 if error is None:
                     future.set_result(None)
                 else:
                     future.set_exception(error)
-        return not retry
-
-    async def _delete(self, job_id: str, last: int) -> int:
-        # kv.delete() does not return the revision of its marker; publish it ourselves.
-        assert self._kv is not None and self._nc is not None
-        headers = {_KV_OP: "DEL", "Nats-Expected-Last-Subject-Sequence": str(last)}
-        ack = await self._nc.jetstream().publish(
-            f"$KV.{self.bucket}.{job_id}", b"", headers=headers
-        )
-        return int(ack.seq)
 
     def _spawn_resync(self, job_id: str) -> None:
         task = asyncio.get_running_loop().create_task(self._resync(job_id))
@@ -600,27 +639,39 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
     # --- the watch -----------------------------------------------------------------------------
 
     async def _watch(self) -> None:
-        assert self._nc is not None and self._loaded is not None
-        feed = self._feed = KVFeed(self._nc, self.bucket)
+        """The watch task: entries are handled in the feed's callback; this task ends (and
+        the store fails) if handling one raised."""
+        assert self._nc is not None
+        failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        feed = KVFeed(self._nc, self.bucket, handler=lambda entry: self._on_feed(entry, failed))
+        self._feed = feed
         await feed.start()
         try:
-            async for entry in feed:
-                if entry is None:
-                    with self._lock:
-                        self._index_bulk()
-                    self._loaded.set()
-                    self._wakeup_scheduler()
-                    continue
-                revision = entry.revision or 0
-                changed = self._on_entry(entry.key, entry.value, revision, entry.operation)
-                self._applied_seq = max(self._applied_seq, revision)
-                if changed and self._loaded.is_set() and not entry.delta:
-                    self._wakeup_scheduler()
-                if self._sync_waiters:
-                    self._wake_sync_waiters()
+            await failed
         finally:
             self._feed = None
             await feed.stop()
+
+    def _on_feed(self, entry: KeyValue.Entry | None, failed: asyncio.Future[None]) -> None:
+        assert self._loaded is not None
+        if failed.done():
+            return
+        try:
+            if entry is None:
+                with self._lock:
+                    self._index_bulk()
+                self._loaded.set()
+                self._wakeup_scheduler()
+                return
+            revision = entry.revision or 0
+            changed = self._on_entry(entry.key, entry.value, revision, entry.operation)
+            self._applied_seq = max(self._applied_seq, revision)
+            if changed and self._loaded.is_set() and not entry.delta:
+                self._wakeup_scheduler()
+            if self._sync_waiters:
+                self._wake_sync_waiters()
+        except Exception as exc:  # a bug: fail the watch task (and the store) loudly
+            failed.set_exception(exc)
 
     async def catch_up(self, timeout: float) -> bool:
         """Wait until the index holds every change that is in KV now; False on timeout.
@@ -698,6 +749,9 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
         deferred = self._deferred.pop(job_id, None)
         if self._queue.pop(job_id, _MISSING) is _MISSING and deferred is None:
             return
+        self._since.pop(job_id, None)
+        if self._flushers:
+            self._kick()
         if job_id in self._inflight:
             return  # its waiters are answered when the in-flight write ends
         error = WriteConflict(f"job {job_id!r} was changed by another writer")
@@ -752,8 +806,23 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
         self._index._jobs = entries
         self._index._jobs_index = {entry[0].id: entry for entry in entries}
 
+    def _reindex(self, job: Job) -> None:
+        """`MemoryJobStore.update_job`, skipped when it would change nothing. Holds the lock.
+
+        A nats-cron fire updates its job twice, the second time (run state) with the same
+        next run time: re-sorting the index for it cost a pure-Python bisection per fire.
+        """
+        entry = self._index._jobs_index.get(job.id)
+        if (
+            entry is not None
+            and entry[0] is job
+            and entry[1] == datetime_to_utc_timestamp(job.next_run_time)
+        ):
+            return
+        self._index.update_job(job)
+
     def _is_stale(self, job: Job) -> bool:
-        return self._stale.get(id(job)) is job
+        return bool(self._stale) and self._stale.get(id(job)) is job
 
     def _attach(self, job: Job) -> None:
         if self._scheduler is not None:
@@ -769,11 +838,20 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
         return f"<JetStreamJobStore (bucket={self.bucket!r})>"
 
 
+def _is_transient(outcome: Outcome | None) -> bool:
+    """A write that failed for want of NATS (retried), not because of what KV holds."""
+    if isinstance(outcome, nats.js.errors.ServiceUnavailableError):
+        return True
+    if isinstance(outcome, nats.js.errors.APIError):
+        return False  # a lost compare-and-set race, or a write the stream refuses
+    return isinstance(outcome, nats.errors.Error | TimeoutError | OSError)
+
+
 def _set_exception(future: asyncio.Future[None], error: BaseException) -> None:
     if not future.done():
         future.set_exception(error)
 
 
 def _is_own(value: bytes | None, writer_id: str) -> bool:
-    # Cheap check without a full decode: our records carry `"writer":"<id>"`.
-    return value is not None and f'"writer":"{writer_id}"'.encode() in value
+    # Cheap check without a full decode: our records end with `"writer":"<id>"}`.
+    return value is not None and value.endswith(f'"writer":"{writer_id}"}}'.encode())

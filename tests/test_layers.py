@@ -28,6 +28,7 @@ RANK = {
     "cron": 1,
     "_bridge": 1,
     "_watch": 1,
+    "_kvwrite": 1,
     "embedded": 1,
     "logs": 1,
     "observe": 1,
@@ -53,6 +54,7 @@ ALLOWED: dict[str, set[str]] = {
     "cron": {"errors"},
     "_bridge": {"errors"},
     "_watch": {"errors"},  # a KV watch that resumes; nats only
+    "_kvwrite": {"errors"},  # pipelined compare-and-set writes; nats only
     "embedded": {"errors"},
     "logs": {"errors"},
     "confirm": {"errors"},  # publish confirmation: nats only
@@ -66,7 +68,7 @@ ALLOWED: dict[str, set[str]] = {
     # What a fire does: needs the job document, not the store nor the election.
     "fire": {"errors", "durations", "cron", "spec"},
     "client": {"errors", "durations", "spec"},
-    "store": {"errors", "durations", "cron", "spec", "codec", "_bridge", "_watch"},
+    "store": {"errors", "durations", "cron", "spec", "codec", "_bridge", "_watch", "_kvwrite"},
     "jobs": {"errors", "durations", "cron", "spec", "store", "fire"},
     # The API talks to the jobs manager, never to the store (KV) directly.
     "service": {"errors", "durations", "spec", "fire", "jobs"},

@@ -1310,3 +1310,69 @@ async def test_initial_load_indexes_like_the_memory_store(nc: Client, bucket: st
         assert loaded.get_next_run_time() == reference.get_next_run_time()
     finally:
         await loaded.aclose()
+
+
+async def test_flush_returns_while_changes_keep_coming(nc: Client, bucket: str) -> None:
+    """A store firing thousands of jobs a second is never idle: flush waits for what was
+    changed before it was called, not for a moment with nothing queued."""
+    store, scheduler, kv = await _open_shared(nc, bucket)
+    stop = asyncio.Event()
+    updates = 0
+
+    async def keep_updating() -> None:
+        nonlocal updates
+        job = store.lookup_job("busy")
+        assert job is not None
+        while not stop.is_set():
+            job._modify(next_run_time=FAR + timedelta(seconds=updates))
+            store.update_job(job)
+            updates += 1
+            await asyncio.sleep(0)
+
+    try:
+        store.add_job(make_job(scheduler, "busy", DateTrigger(FAR), NOW))
+        store.add_job(make_job(scheduler, "quiet", DateTrigger(FAR), NOW))
+        await store.aflush()
+        updater = asyncio.ensure_future(keep_updating())
+        while updates < 100:  # the writer is busy with "busy" by now
+            await asyncio.sleep(0)
+        quiet = store.lookup_job("quiet")
+        assert quiet is not None
+        quiet._modify(name="changed before the flush")
+        store.update_job(quiet)
+        await asyncio.wait_for(store.aflush(), 5)
+        assert not updater.done()  # changes were still coming when flush returned
+        assert json.loads((await kv.get("quiet")).value)["name"] == "changed before the flush"
+        stop.set()
+        await updater
+        await asyncio.wait_for(store.aflush(), 5)
+        stored = json.loads((await kv.get("busy")).value)
+        assert stored["next_run_time"] == (FAR + timedelta(seconds=updates - 1)).isoformat()
+    finally:
+        stop.set()
+        await store.aclose()
+
+
+async def test_add_after_remove_recreates_the_key(nc: Client, bucket: str) -> None:
+    """Re-creating a deleted key must name the deletion marker's revision (the pipelined
+    create fails first, then nats-py's create() finds the marker)."""
+    store, scheduler, kv = await _open_shared(nc, bucket)
+    try:
+        store.add_job(make_job(scheduler, "again", DateTrigger(FAR), NOW))
+        await store.apersist("again")
+        store.remove_job("again")
+        await store.aflush()
+        with pytest.raises(nats.js.errors.KeyNotFoundError):
+            await kv.get("again")
+        other = JetStreamJobStore(bucket=bucket, nc=nc, functions=ALLOWED, timeout=5)
+        await other.open()  # knows nothing of the marker's revision... until it loaded it
+        try:
+            other.start(BackgroundScheduler(timezone="UTC"), "default")
+            other._revisions.pop("again", None)  # as if the marker were never seen
+            other.add_job(make_job(scheduler, "again", DateTrigger(FAR), NOW, name="second"))
+            await other.apersist("again")
+        finally:
+            await other.aclose()
+        assert json.loads((await kv.get("again")).value)["name"] == "second"
+    finally:
+        await store.aclose()

@@ -98,8 +98,13 @@ class KVWrites:
                 self._pending.pop(tokens[unsent], None)
                 _settle(batch, unsent, exc)
         if batch.remaining:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(batch.done), self.timeout)
+            # One timer for the batch (not asyncio.wait_for: a timer, a shield future and
+            # their callbacks per batch, on the fire path).
+            timer = asyncio.get_running_loop().call_later(self.timeout, _expire, batch)
+            try:
+                await batch.done
+            finally:
+                timer.cancel()
         for index, token in enumerate(tokens):
             if self._pending.pop(token, None) is not None:  # no reply in time
                 _settle(batch, index, nats.errors.TimeoutError())
@@ -130,6 +135,11 @@ def _outcome(msg: Msg) -> Outcome:
         return int(reply["seq"])
     except (KeyError, TypeError, ValueError):
         return nats.js.errors.APIError(description=f"publish ack without a sequence: {reply!r}")
+
+
+def _expire(batch: _Batch) -> None:
+    if not batch.done.done():
+        batch.done.set_result(None)  # the writes still unanswered time out
 
 
 def _settle(batch: _Batch, index: int, outcome: Outcome) -> None:

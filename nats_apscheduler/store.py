@@ -14,11 +14,13 @@ schedulers) or from that same loop (AsyncIOScheduler). So:
 - Writes (`add_job`, `update_job`, `remove_job`) check and update the index at once,
   raising APScheduler's `ConflictingIdError` / `JobLookupError` as its contract says,
   then queue the KV write. A single writer task on the loop drains the queue, coalescing
-  repeated writes to one key and pipelining different keys, each write a compare-and-set
-  on the record's last known revision. The fire path (`update_job` under the scheduler's
-  lock) therefore never waits for a round trip. `flush()` / `await aflush()` wait until
-  everything queued is in KV; `await apersist(job_id)` waits for one job and raises if its
-  write lost a compare-and-set race (the other writer's version is then the local one).
+  repeated writes to one key and pipelining different keys (`KVWrites`: one publish per
+  write, all acks on one subscription), each write a compare-and-set on the record's last
+  known revision. The fire path (`update_job` under the scheduler's lock) therefore never
+  waits for a round trip. `flush()` / `await aflush()` wait until every change made before
+  the call is in KV (not for an idle moment: a busy store is never idle);
+  `await apersist(job_id)` waits for one job and raises if its write lost a
+  compare-and-set race (the other writer's version is then the local one).
 - Only `start()` (initial load) and `flush()` block. On the loop's own thread they
   would deadlock, so they raise `BridgeError` there: with a shared loop, `await
   store.open()` before `scheduler.start()` and `await store.aclose()` after shutdown.

@@ -21,14 +21,32 @@ async def test_confirm_after_publishes_and_shared_markers(nc: Client, bucket: st
         sub = await subscribe(nc, f"{bucket}.x")
         for i in range(50):
             await nc.publish(f"{bucket}.x", str(i).encode())
-        # Confirmations asked for at once share one marker.
+        # Confirmations asked for in one loop turn: the first marker goes out at once, the
+        # others share a second one.
         results = await asyncio.gather(*(confirmer.confirm() for _ in range(20)))
         assert results == [True] * 20
-        assert confirmer._seq == 1
+        assert confirmer._seq == 2
         # The server processed all 50 before the marker; they are on their way to us.
         assert [int((await sub.next_msg(timeout=2)).data) for _ in range(50)] == list(range(50))
         assert await confirmer.confirm()
-        assert confirmer._seq == 2
+        assert confirmer._seq == 3
+    finally:
+        await confirmer.stop()
+
+
+async def test_the_first_marker_of_a_turn_leaves_with_the_publish(nc: Client, bucket: str) -> None:
+    """A fire at a time: its marker is published in the same loop turn as the fire, so
+    both go out in one socket write (nats-py's flusher runs on the next turn)."""
+    confirmer = Confirmer(nc)
+    await confirmer.start()
+    try:
+        await asyncio.sleep(0)
+        before = nc.stats["out_msgs"]
+        await nc.publish(f"{bucket}.y", b"fire")
+        pending = asyncio.ensure_future(confirmer.confirm())
+        await asyncio.sleep(0)  # one turn: the task ran up to its wait for the marker
+        assert nc.stats["out_msgs"] == before + 2
+        assert await pending
     finally:
         await confirmer.stop()
 

@@ -1376,3 +1376,25 @@ async def test_add_after_remove_recreates_the_key(nc: Client, bucket: str) -> No
         assert json.loads((await kv.get("again")).value)["name"] == "second"
     finally:
         await store.aclose()
+
+
+async def test_a_failure_handling_a_watched_entry_fails_the_store(
+    nc: Client, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Watched entries are handled inside the subscription's callback, where nats-py would
+    only log an exception: the store must still notice and report that it is broken."""
+    store, _scheduler, kv = await _open_shared(nc, bucket)
+    failures: list[BaseException] = []
+    store.on_failure = failures.append
+    try:
+
+        def broken(*args: Any) -> bool:
+            raise RuntimeError("bug while applying an entry")
+
+        monkeypatch.setattr(store, "_on_entry", broken)
+        await kv.put("remote", b"{}")
+        assert await _await_condition(lambda: bool(failures), timeout=5)
+        assert "bug while applying an entry" in str(failures[0])
+        assert not store.loaded
+    finally:
+        await store.aclose()

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import nats.errors
+import nats.js.errors
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.schedulers.base import STATE_RUNNING
 from loguru import logger
@@ -43,6 +44,11 @@ _FENCED_RETRY = 0.1
 # from a NATS restart take ~4 s), for the same ~2 minutes before giving up and exiting.
 _RECONNECT_WAIT = 0.25
 _RECONNECT_ATTEMPTS = 480
+# A cluster that is still forming (every node's /healthz already 200, its meta layer not yet
+# aware of every peer) refuses to place a replicated bucket: "no suitable peers for
+# placement" (10005). Creating our buckets and stream is retried for this long.
+_PLACEMENT_RETRY_S = 30.0
+_PLACEMENT_ERRORS = (10005,)
 
 
 class FencedScheduler(AsyncIOScheduler):  # type: ignore[misc]
@@ -116,9 +122,9 @@ class NatsCron:
             bucket=s.jobs_bucket, replicas=s.replicas, nc=nc, functions=(FIRE_REF,)
         )
         self.store.on_failure = lambda exc: self._fail(f"job store failed: {exc}")
-        await self.store.open()
+        await _provision(self.store.open, "the jobs bucket")
         self.history = History(nc, s.history_stream, s.history_depth, s.replicas)
-        await self.history.ensure()
+        await _provision(self.history.ensure, "the history stream")
         self.election = Election(
             nc,
             s.leader_bucket,
@@ -181,7 +187,7 @@ class NatsCron:
             await self.http.start()
         self.started_at = datetime.now(UTC)
         self._started_mono = time.monotonic()
-        await self.election.start()
+        await _provision(self.election.start, "the leader bucket")
         log.bind(jobs=self.jobs.count(), bucket=s.jobs_bucket).info("nats-cron instance started")
 
     async def stop(self) -> None:
@@ -297,3 +303,18 @@ class NatsCron:
 
 
 __all__ = ["FencedScheduler", "NatsCron", "NatsCronError"]
+
+
+async def _provision(create: Any, what: str) -> None:
+    """`await create()`, retried while the cluster cannot place replicas yet (bounded)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _PLACEMENT_RETRY_S
+    while True:
+        try:
+            await create()
+            return
+        except nats.js.errors.APIError as exc:
+            if exc.err_code not in _PLACEMENT_ERRORS or loop.time() >= deadline:
+                raise
+            logger.warning("cannot create {} yet (retrying): {}", what, exc.description)
+            await asyncio.sleep(0.5)

@@ -325,3 +325,30 @@ async def test_list_pages_when_the_jobs_do_not_fit_in_one_message(nc, nats_url, 
         assert bad.value.code == 400 and "after" in str(bad.value)
     finally:
         await cron.stop()
+
+
+async def test_provisioning_waits_for_a_forming_cluster() -> None:
+    """A cluster still forming refuses replicated buckets ("no suitable peers", 10005):
+    start-up retries that, and only that."""
+    import nats.js.errors
+
+    from nats_apscheduler import server
+
+    calls = 0
+
+    async def create() -> None:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise nats.js.errors.BadRequestError(
+                code=400, err_code=10005, description="no suitable peers for placement"
+            )
+
+    await server._provision(create, "a bucket")
+    assert calls == 3
+
+    async def refused() -> None:
+        raise nats.js.errors.BadRequestError(code=400, err_code=10058, description="name in use")
+
+    with pytest.raises(nats.js.errors.BadRequestError):
+        await server._provision(refused, "a bucket")

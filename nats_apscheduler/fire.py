@@ -334,8 +334,8 @@ class FireExecutor(BaseExecutor):  # type: ignore[misc]
             )
         finally:
             # Released first, so that the job's state write (queued now, sent by the store's
-            # writer on the next loop turn) and the history records go out in one socket
-            # write: that syscall, not the Python around it, is what a fire costs most.
+            # writer on the next loop turn) and the history records can share one socket
+            # write (no CPU change measurable beyond the noise at 500-1,000 fires/s).
             self._release(job.id)
             self._run_job_success(job.id, events)
             await self._firer.append_history(history)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -305,7 +306,7 @@ class NatsCron:
 __all__ = ["FencedScheduler", "NatsCron", "NatsCronError"]
 
 
-async def _provision(create: Any, what: str) -> None:
+async def _provision(create: Callable[[], Awaitable[None]], what: str) -> None:
     """`await create()`, retried while the cluster cannot place replicas yet (bounded)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + _PLACEMENT_RETRY_S

@@ -27,10 +27,9 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-_EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
-_KV_OP = "KV-Operation"
+from nats_apscheduler.protocol import EXPECTED_LAST, KV_DEL, KV_OP, WRONG_LAST_SEQUENCE
+
 _STATUS = "Status"
-_WRONG_LAST_SEQUENCE = (10071, 10164)  # JSStreamWrongLastSequence(Constant)Err
 
 Outcome = int | BaseException
 
@@ -84,9 +83,9 @@ class KVWrites:
         index = 0
         try:
             for index, (key, value, last) in enumerate(writes):
-                headers = {_EXPECTED_LAST: str(last)}
+                headers = {EXPECTED_LAST: str(last)}
                 if value is None:
-                    headers[_KV_OP] = "DEL"
+                    headers[KV_OP] = KV_DEL
                 await self._nc.publish(
                     self._prefix + key,
                     value or b"",
@@ -125,7 +124,7 @@ def _outcome(msg: Msg) -> Outcome:
         return nats.js.errors.APIError(description=f"unreadable publish ack ({exc})")
     error = reply.get("error") if isinstance(reply, dict) else None
     if error is not None:
-        if error.get("err_code") in _WRONG_LAST_SEQUENCE:
+        if error.get("err_code") in WRONG_LAST_SEQUENCE:
             return nats.js.errors.KeyWrongLastSequenceError(description=error.get("description"))
         try:
             nats.js.errors.APIError.from_error(error)

@@ -1,11 +1,13 @@
-"""A KV watch that keeps up across server restarts, node deaths and reconnects.
+"""A stream watch (the last message per subject, then every new one) that keeps up across
+server restarts, node deaths and reconnects; `KVFeed` is its form for a KV bucket.
 
 nats-py's `kv.watch()` is an ordered consumer with a 5 s idle heartbeat that resets only
 after two missed heartbeats, so after a server restart (or the death of the cluster node
-holding its consumer) it goes silent for 10-20 s. `KVFeed` is the same ordered consumer
+holding its consumer) it goes silent for 10-20 s. `Feed` is the same ordered consumer
 with a 1 s heartbeat that also resumes at once, from the stream sequence after the last
 one it delivered, whenever the connection reconnects or its owner asks (`resume()`).
 Entries at or below that sequence are dropped, so a resume never repeats one.
+`catch_up()` waits until it has delivered everything the stream holds now.
 """
 
 from __future__ import annotations
@@ -23,15 +25,18 @@ from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.kv import KeyValue
 
-_KV_OP = "KV-Operation"
-_MARKER = "Nats-Marker-Reason"
+from nats_apscheduler._gate import LevelGate
+from nats_apscheduler.protocol import KV_MARKER_REASON, KV_OP
+
 _MARKER_OPS = {"MaxAge": "PURGE", "Purge": "PURGE", "Remove": "DEL"}
 _RECONNECT_POLL = 0.1  # seconds between looks at the connection's reconnect counter
 _RETRY = 0.25  # seconds between attempts to re-create the consumer
+_CATCH_UP_RETRY = 0.05  # seconds between reads of the stream's state while it has no leader
 
 
-class KVFeed:
-    """Entries of `keys` in a KV bucket, in stream order; `None` once the initial state is in.
+class Feed:
+    """Messages of `prefix` + `keys` in `stream`, in stream order, as `KeyValue.Entry`s (the
+    key is the subject without `prefix`); `None` once the initial state is in.
 
     Iterate with `async for entry in feed` after `await feed.start()`, or pass `handler`:
     it is then called with each entry straight from the subscription's callback (no queue
@@ -41,16 +46,17 @@ class KVFeed:
     def __init__(
         self,
         nc: Client,
-        bucket: str,
+        stream: str,
+        prefix: str,
         keys: str = ">",
         heartbeat: float = 1.0,
         handler: Callable[[KeyValue.Entry | None], None] | None = None,
     ) -> None:
         self._nc = nc
         self._js = nc.jetstream()
-        self.bucket = bucket
-        self._stream = f"KV_{bucket}"
-        self._prefix = f"$KV.{bucket}."
+        self.bucket = stream
+        self._stream = stream
+        self._prefix = prefix
         self._subject = self._prefix + keys
         self._heartbeat = heartbeat
         self._queue: asyncio.Queue[KeyValue.Entry | None] = asyncio.Queue()
@@ -63,6 +69,7 @@ class KVFeed:
         self._resuming: asyncio.Task[None] | None = None
         self.last_seq = 0  #: the stream sequence of the last entry delivered
         self.resumes = 0  #: how often the consumer was re-created
+        self._delivered = LevelGate()
 
     async def start(self) -> None:
         self._reconnects = self._reconnect_count()
@@ -79,11 +86,49 @@ class KVFeed:
                     await task
         await self._unsubscribe()
 
-    def __aiter__(self) -> KVFeed:
+    def __aiter__(self) -> Feed:
         return self
 
     async def __anext__(self) -> KeyValue.Entry | None:
         return await self._queue.get()
+
+    async def catch_up(self, timeout: float) -> bool:
+        """Wait until every message the stream holds now has been delivered; False on timeout.
+
+        The stream's last sequence is read first (retried while the stream has no leader,
+        right after a node restart); a watch that makes no progress for a moment is
+        re-created from where it stopped (its consumer is probably gone).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            remaining = deadline - loop.time()
+            try:
+                info = await asyncio.wait_for(
+                    self._js.stream_info(self._stream), max(remaining, 0.01)
+                )
+                break
+            except (nats.errors.Error, TimeoutError) as exc:
+                if deadline - loop.time() <= _CATCH_UP_RETRY:
+                    logger.bind(stream=self._stream).warning(
+                        "cannot check the watch of {}: {}", self._stream, _describe(exc)
+                    )
+                    return False
+                await asyncio.sleep(_CATCH_UP_RETRY)
+        target = int(info.state.last_seq)
+        stall = min(0.5, timeout / 4)
+        while self.last_seq < target:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                logger.bind(stream=self._stream).warning(
+                    "watch of {} still behind ({} < {})", self._stream, self.last_seq, target
+                )
+                return False
+            seen = self.last_seq
+            await self._delivered.wait(target, min(stall, remaining))
+            if self.last_seq == seen:
+                self.resume()
+        return True
 
     def resume(self) -> None:
         """Re-create the consumer from the sequence after the last entry delivered."""
@@ -157,10 +202,12 @@ class KVFeed:
         seq, pending = _position(msg)
         if seq > self.last_seq:
             self.last_seq = seq
+            if len(self._delivered):
+                self._delivered.raise_to(seq)
             headers = msg.headers or {}
-            op = headers.get(_KV_OP)
-            if op is None and _MARKER in headers:
-                op = _MARKER_OPS.get(headers[_MARKER], "PURGE")
+            op = headers.get(KV_OP)
+            if op is None and KV_MARKER_REASON in headers:
+                op = _MARKER_OPS.get(headers[KV_MARKER_REASON], "PURGE")
             self._deliver(
                 KeyValue.Entry(
                     bucket=self.bucket,
@@ -178,6 +225,26 @@ class KVFeed:
     def _mark_loaded(self) -> None:
         self._loaded = True
         self._deliver(None)
+
+
+class KVFeed(Feed):
+    """Entries of `keys` in a KV bucket (see `Feed`)."""
+
+    def __init__(
+        self,
+        nc: Client,
+        bucket: str,
+        keys: str = ">",
+        heartbeat: float = 1.0,
+        handler: Callable[[KeyValue.Entry | None], None] | None = None,
+    ) -> None:
+        super().__init__(nc, f"KV_{bucket}", f"$KV.{bucket}.", keys, heartbeat, handler)
+        self.bucket = bucket
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception's message, or its type when it has none (nats-py's TimeoutError)."""
+    return str(exc) or type(exc).__name__
 
 
 def _position(msg: Msg) -> tuple[int, int]:

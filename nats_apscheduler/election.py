@@ -166,6 +166,12 @@ class Election:
     def connection_restored(self) -> None:
         self._changed.set()
 
+    def step_down(self, reason: str) -> None:
+        """Stop leading now (the leader found it cannot go on); the campaign goes on."""
+        if self._holding:
+            self._lose(reason)
+        self._changed.set()
+
     # --- internals ------------------------------------------------------------------------------
 
     async def _watch(self, feed: KVFeed) -> None:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from loguru import logger
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -33,6 +35,7 @@ class State:
     refresh_failures: Callable[[], int]
     connected: Callable[[], bool]
     ready: Callable[[], bool]
+    loop_lag: Callable[[], float] = lambda: 0.0
 
 
 class _StateCollector(Collector):
@@ -52,6 +55,11 @@ class _StateCollector(Collector):
             "nats_cron_lease_refresh_failures", "Failed lease refreshes", s.refresh_failures()
         )
         yield GaugeMetricFamily("nats_cron_nats_connected", "1 if connected", s.connected())
+        yield GaugeMetricFamily(
+            "nats_cron_loop_lag_max_seconds",
+            "Longest delay of the event loop seen since start (a stall blocks fires and lease)",
+            s.loop_lag(),
+        )
 
 
 class Metrics:
@@ -85,6 +93,12 @@ class Metrics:
         self.publish_errors = Counter(
             "nats_cron_publish_errors", "Fires whose publish failed", registry=self.registry
         )
+        self.unconfirmed = Counter(
+            "nats_cron_unconfirmed_fires",
+            "Fires not confirmed by a stored progress mark when a term ended (fired again)",
+            registry=self.registry,
+        )
+        self._children: dict[tuple[str, str], Any] = {}
         self.api_requests = Counter(
             "nats_cron_api_requests",
             "API requests by endpoint and reply code",
@@ -94,7 +108,11 @@ class Metrics:
         self.registry.register(_StateCollector(state))
 
     def on_fire(self, subject: str, outcome: str, lateness: float, caught_up: bool) -> None:
-        self.fires.labels(subject, outcome).inc()
+        key = (subject, outcome)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.fires.labels(subject, outcome)
+        child.inc()
         if outcome == "error":
             self.publish_errors.inc()
         else:
@@ -102,14 +120,42 @@ class Metrics:
         if caught_up:
             self.caught_up.labels(subject).inc()
 
-    def on_missed(self, subject: str) -> None:
-        self.missed.labels(subject).inc()
+    def on_missed(self, subject: str, count: int = 1) -> None:
+        self.missed.labels(subject).inc(count)
+
+    def on_unconfirmed(self, count: int) -> None:
+        self.unconfirmed.inc(count)
 
     def on_request(self, endpoint: str, code: int) -> None:
         self.api_requests.labels(endpoint, str(code)).inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class LoopMonitor:
+    """Measures how late the event loop runs a timer: the longest stall since start."""
+
+    def __init__(self, period: float = 0.05) -> None:
+        self.period = period
+        self.longest = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="loop-monitor")
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            before = time.perf_counter()
+            await asyncio.sleep(self.period)
+            lag = time.perf_counter() - before - self.period
+            if lag > self.longest:
+                self.longest = lag
 
 
 class HttpEndpoint:

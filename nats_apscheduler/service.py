@@ -20,7 +20,7 @@ from nats.micro.request import Request
 from nats.micro.service import EndpointConfig, Service, ServiceConfig
 
 from nats_apscheduler.errors import SpecError, StoreError
-from nats_apscheduler.fire import History
+from nats_apscheduler.history import History
 from nats_apscheduler.jobs import Conflict, JobManager, NotFound
 
 SERVICE_NAME = "nats-cron"

@@ -168,7 +168,7 @@ class _Document(_Strict):
 
 # Run-state fields that a `get` reply carries; accepted and ignored on input so a client
 # can send back what it read.
-_READ_ONLY = ("next_run", "last_run", "run_count", "last_error", "last_scheduled")
+_READ_ONLY = ("next_run", "last_run", "run_count", "last_error", "last_scheduled", "last_outcome")
 
 
 @dataclass(frozen=True)
@@ -413,3 +413,17 @@ def _parse_job(
     if cron is not None and spec.trigger(now).get_next_fire_time(None, start or now) is None:
         raise SpecError("schedule.cron", f"{cron!r} never fires (no date matches all fields)")
     return spec
+
+
+def payload_of(payload: Any) -> bytes | None:
+    """The message body of a stored document's `payload` field (None: a ULID per fire).
+
+    For documents that passed `parse_job` already (the fire path reads them from KV): the
+    same rules, without the size limit, which was checked when the document was accepted.
+    """
+    try:
+        raw = None if payload is None else _Payload.model_validate(payload)
+    except ValidationError as exc:
+        error = _pydantic_to_spec_error(exc)
+        raise SpecError(f"payload.{error.field}", error.rule) from None
+    return _payload(raw, None, None)[2]

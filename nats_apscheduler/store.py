@@ -1,29 +1,28 @@
 """`JetStreamJobStore`: an APScheduler 3 job store persisting jobs in a JetStream KV bucket.
 
-Threading model
----------------
-All NATS I/O runs on one asyncio loop: the loop of a connection the application passes
-in (`nc=`), or a private loop on a daemon thread when the store connects by itself.
-APScheduler calls the store synchronously, from its own thread (Background/Blocking
-schedulers) or from that same loop (AsyncIOScheduler). So:
+The store is a translator between APScheduler's synchronous store contract and three
+parts, each testable on its own:
 
-- Reads (`lookup_job`, `get_due_jobs`, `get_next_run_time`, `get_all_jobs`) never touch
-  the network: they read an in-memory index (an APScheduler `MemoryJobStore`, the
-  reference behaviour) kept current by a KV watch. A change written by another process
-  replaces the local copy and wakes the scheduler.
-- Writes (`add_job`, `update_job`, `remove_job`) check and update the index at once,
-  raising APScheduler's `ConflictingIdError` / `JobLookupError` as its contract says,
-  then queue the KV write. A single writer task on the loop drains the queue, coalescing
-  repeated writes to one key and pipelining different keys (`KVWrites`: one publish per
-  write, all acks on one subscription), each write a compare-and-set on the record's last
-  known revision. The fire path (`update_job` under the scheduler's lock) therefore never
-  waits for a round trip. `flush()` / `await aflush()` wait until every change made before
-  the call is in KV (not for an idle moment: a busy store is never idle);
-  `await apersist(job_id)` waits for one job and raises if its write lost a
-  compare-and-set race (the other writer's version is then the local one).
-- Only `start()` (initial load) and `flush()` block. On the loop's own thread they
-  would deadlock, so they raise `BridgeError` there: with a shared loop, `await
-  store.open()` before `scheduler.start()` and `await store.aclose()` after shutdown.
+- `Mirror` (`_mirror.py`, pure): the in-memory copy of the bucket. Every read
+  (`lookup_job`, `get_due_jobs`, `get_next_run_time`, `get_all_jobs`) is served from it and
+  never touches the network.
+- `WriteBack` (`_writeback.py`): writes (`add_job`, `update_job`, `remove_job`) change the
+  mirror at once, raising APScheduler's `ConflictingIdError` / `JobLookupError` as its
+  contract says, and queue the KV write; one task drains the queue, coalescing repeated
+  writes to a key and pipelining different keys, each a compare-and-set on the revision
+  the mirror knows. `flush()` / `await aflush()` wait until every change made before the
+  call is in KV; `await apersist(job_id)` waits for one job and raises `WriteConflict` if
+  another writer won (the other writer's version is then the local one).
+- `KVFeed` (`_watch.py`): the watch that keeps the mirror current with what other
+  processes write; a remote change replaces the local copy and wakes the scheduler.
+
+Threading: all NATS I/O runs on one asyncio loop, the loop of a connection the application
+passes in (`nc=`) or a private loop on a daemon thread when the store connects by itself.
+APScheduler calls the store from its own thread (Background/Blocking schedulers) or from
+that same loop (AsyncIOScheduler). Only `start()` (the initial load) and `flush()` block;
+on the loop's own thread they would deadlock, so they raise `BridgeError` there: with a
+shared loop, `await store.open()` before `scheduler.start()` and `await store.aclose()`
+after shutdown.
 
 Records are versioned JSON (see `codec`), never pickle. A record's function reference is
 resolved only through the allow-list; an unreadable record or one naming a function off
@@ -35,12 +34,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import gc
-import math
 import re
 import threading
 import uuid
-import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -48,28 +46,38 @@ import nats
 import nats.errors
 import nats.js.errors
 from apscheduler.job import Job
-from apscheduler.jobstores.base import BaseJobStore, ConflictingIdError
-from apscheduler.jobstores.memory import MemoryJobStore
-from apscheduler.util import datetime_to_utc_timestamp, obj_to_ref, ref_to_obj
+from apscheduler.jobstores.base import BaseJobStore
+from apscheduler.util import obj_to_ref, ref_to_obj
 from loguru import logger
 from nats.aio.client import Client
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
 from nats_apscheduler._bridge import LoopBridge
-from nats_apscheduler._kvwrite import KVWrites, Outcome
+from nats_apscheduler._kvwrite import KVWrites
+from nats_apscheduler._mirror import Mirror
 from nats_apscheduler._watch import KVFeed
+from nats_apscheduler._writeback import WriteBack
 from nats_apscheduler.codec import RecordEncoder, build_job, decode_record
-from nats_apscheduler.errors import RecordError, StoreError, WriteConflict
+from nats_apscheduler.errors import RecordError, StoreError
+from nats_apscheduler.protocol import is_kv_delete
 
 DEFAULT_BUCKET = "nats-cron-jobs"
 FIRE_REF = "nats_apscheduler.fire:fire"
-_DELETE = None  # a queued op of None means "delete the key"
-_MISSING = object()
 # Valid KV keys (nats-py's own rule): no leading or trailing dot.
 _KEY = re.compile(r"^[-/_=\.a-zA-Z0-9]+$")
-_KV_OP = "KV-Operation"
-_RETRY_MIN, _RETRY_MAX = 0.05, 2.0  # seconds between write retries while NATS is away
+
+
+class State(enum.Enum):
+    NEW = "new"
+    OPENING = "opening"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+#: Called with (job id, the job now held or None) whenever the local copy of a job changes.
+ChangeListener = Callable[[str, "Job | None"], None]
 
 
 class _Resolver:
@@ -101,6 +109,18 @@ class _Resolver:
             except (LookupError, ImportError, ValueError) as exc:
                 raise RecordError(f"function {ref!r} cannot be imported ({exc})") from exc
         return func
+
+
+class _Parts:
+    """What an open store runs: built by `open()`, dropped by `aclose()`."""
+
+    def __init__(self, nc: Client, kv: KeyValue, writes: KVWrites, writeback: WriteBack):
+        self.nc = nc
+        self.kv = kv
+        self.writes = writes
+        self.writeback = writeback
+        self.feed: KVFeed | None = None
+        self.tasks: list[asyncio.Task[None]] = []
 
 
 class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
@@ -138,53 +158,29 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
         self._resolver = _Resolver(functions)
         self._timeout = timeout
         self._bridge: LoopBridge | None = None
-        self._kv: KeyValue | None = None
         self._lock = threading.RLock()
-        self._index = MemoryJobStore()
+        self._mirror = Mirror()
         self._encoder = RecordEncoder()
-        self._revisions: dict[str, int] = {}
-        self._skipped: dict[str, str] = {}  # job id -> why its record is not loaded
-        # Job objects replaced by a remote change (all of them, not only the latest per id:
-        # an executor may still hold one from two versions ago and write it back).
-        # Keyed by id(): Job defines __eq__ without __hash__; a dead object drops out, so an
-        # id() is never reused while its entry exists.
-        self._stale: weakref.WeakValueDictionary[int, Job] = weakref.WeakValueDictionary()
-        self._queue: dict[str, bytes | None] = {}  # job id -> record to write (None: delete)
-        self._deferred: dict[str, Job] = {}  # held jobs whose record is encoded at release
-        self._held: dict[str, int] = {}  # job id -> holds: its writes wait (see hold())
-        self._inflight: dict[str, bytes | None] = {}  # job id -> the write in flight
-        self._kick_pending = False
-        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
-        # Flushing: the ticket of each outstanding key's oldest unwritten change, and each
-        # flusher's ticket (the last one given out when it called). A flusher is done once
-        # no outstanding key is as old, even if newer changes keep coming (a busy store
-        # firing thousands of jobs a second is never idle).
-        self._tick = 0
-        self._since: dict[str, int] = {}  # queued or deferred changes
-        self._flying: dict[str, int] = {}  # changes in flight
-        self._flushers: list[tuple[int, asyncio.Future[None]]] = []
-        self._writes: KVWrites | None = None
-        self._wake: asyncio.Event | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._state = State.NEW
+        self._parts: _Parts | None = None
         self._background: set[asyncio.Task[None]] = set()
-        self._loaded: asyncio.Event | None = None
-        self._opened = False
-        self._closing = False
         self._applied = 0  # watched entries handled (load progress)
-        self._applied_seq = 0  # stream sequence of the last watched entry handled
-        self._bulk: dict[str, Job] | None = None
-        self._feed: KVFeed | None = None
-        self._sync_waiters: list[tuple[int, asyncio.Future[None]]] = []
         #: Called (on the loop) if the watch or writer task dies; the service exits on it.
         self.on_failure: Callable[[BaseException], None] | None = None
+        #: Called on every change of the local copy of a job (see `ChangeListener`).
+        self.on_change: ChangeListener | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
 
+    @property
+    def state(self) -> State:
+        return self._state
+
     async def open(self) -> None:
         """Connect (if needed), create/bind the bucket and load every job. Idempotent."""
-        if self._opened:
+        if self._state is State.OPEN:
             return
-        self._closing = False
+        self._state = State.OPENING
         loop = asyncio.get_running_loop()
         if self._bridge is None:
             self._bridge = LoopBridge(loop)
@@ -192,31 +188,40 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
             self._nc = await nats.connect(self._url, **self._connect_options)
         js = self._nc.jetstream()
         try:
-            self._kv = await js.key_value(self.bucket)
+            kv = await js.key_value(self.bucket)
         except nats.js.errors.BucketNotFoundError:
             config = KeyValueConfig(bucket=self.bucket, replicas=self.replicas, direct=True)
-            self._kv = await js.create_key_value(config)
+            kv = await js.create_key_value(config)
         with self._lock:  # a reopened store reloads everything from the watch
             self.writer_id = uuid.uuid4().hex  # ...including what it wrote itself before
-            self._index = MemoryJobStore()
-            self._revisions.clear()
-            self._skipped.clear()
-            self._stale.clear()
-        self._applied_seq = 0
-        self._bulk = {}  # jobs of the initial load, indexed at once when it ends
-        self._writes = KVWrites(self._nc, self.bucket)
-        await self._writes.start()
-        self._wake = asyncio.Event()
-        self._loaded = asyncio.Event()
-        self._tasks = [
-            loop.create_task(self._watch(), name=f"jobstore-watch-{self.bucket}"),
-            loop.create_task(self._writer(), name=f"jobstore-writer-{self.bucket}"),
-        ]
-        for task in self._tasks:
-            task.add_done_callback(self._task_done)
-        watch = self._tasks[0]
-        loaded = loop.create_task(self._loaded.wait())
-        seen = -1
+            self._mirror = Mirror()
+            self._mirror.begin_bulk()
+        try:
+            await self._load(loop, kv)
+        except BaseException:
+            await self.aclose()
+            raise
+        self._state = State.OPEN
+        logger.bind(bucket=self.bucket).debug("job store loaded {} jobs", len(self._mirror))
+
+    async def _load(self, loop: asyncio.AbstractEventLoop, kv: KeyValue) -> None:
+        assert self._nc is not None and self._bridge is not None
+        writes = KVWrites(self._nc, self.bucket)
+        await writes.start()
+        writeback = WriteBack(
+            writes,
+            revision_of=self.revision,
+            written=self._written,
+            conflict=self._resync,
+            create=kv.create,
+            soon=self._bridge.soon,
+        )
+        parts = self._parts = _Parts(self._nc, kv, writes, writeback)
+        loaded: asyncio.Future[None] = loop.create_future()
+        failed: asyncio.Future[None] = loop.create_future()
+        parts.feed = KVFeed(
+            self._nc, self.bucket, handler=lambda e: self._on_feed(e, loaded, failed)
+        )
         # The load allocates millions of objects that all stay alive: Python's cyclic GC
         # would run ~1,400 collections over the growing heap for 100,000 jobs, a third of
         # the load time (bench/profiling.py startup). Reference counting still frees.
@@ -225,30 +230,32 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
+            await parts.feed.start()
+            parts.tasks = [
+                loop.create_task(self._watch(failed), name=f"jobstore-watch-{self.bucket}"),
+                writeback.start(),
+            ]
+            for task in parts.tasks:
+                task.add_done_callback(self._task_done)
+            seen = -1
             # A large bucket takes a while: give up only when the load stops making progress.
-            while not loaded.done() and not watch.done() and self._applied != seen:
+            while not loaded.done() and not failed.done() and self._applied != seen:
                 seen = self._applied
                 await asyncio.wait(
-                    [loaded, watch], timeout=self._timeout, return_when=asyncio.FIRST_COMPLETED
+                    [loaded, failed], timeout=self._timeout, return_when=asyncio.FIRST_COMPLETED
                 )
         finally:
             if gc_was_enabled:
                 gc.freeze()
                 gc.enable()
         if not loaded.done():
-            loaded.cancel()
-            failure = watch.exception() if watch.done() and not watch.cancelled() else None
-            await self.aclose()
+            failure = failed.exception() if failed.done() else None
             if failure is not None:
                 raise StoreError(f"watching bucket {self.bucket!r} failed: {failure}") from failure
             raise StoreError(f"loading bucket {self.bucket!r} stalled for {self._timeout}s")
-        self._opened = True
-        logger.bind(bucket=self.bucket).debug(
-            "job store loaded {} jobs", len(self._index.get_all_jobs())
-        )
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
-        if self._closing or task.cancelled():
+        if self._state in (State.CLOSING, State.CLOSED) or task.cancelled():
             return
         exc = task.exception() or StoreError(f"{task.get_name()} ended unexpectedly")
         logger.bind(bucket=self.bucket).opt(exception=exc).error("job store task died: {}", exc)
@@ -257,14 +264,14 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
 
     def start(self, scheduler: Any, alias: str) -> None:
         super().start(scheduler, alias)
-        if not self._opened:
+        if self._state is not State.OPEN:
             if self._bridge is None and self._own_nc:
                 self._bridge = LoopBridge.on_new_thread(f"jobstore-{self.bucket}")
             if self._bridge is None:
                 raise StoreError("await store.open() on the connection's loop before starting")
             self._bridge.call(self.open(), self._timeout + 5, "JetStreamJobStore.start()")
         with self._lock:
-            for job in self._index.get_all_jobs():
+            for job in self._mirror:
                 self._attach(job)
 
     def shutdown(self) -> None:
@@ -273,9 +280,7 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
             return
         if self._bridge.in_loop_thread():
             # Cannot wait here; the application awaits aclose() to flush.
-            task = self._bridge.loop.create_task(self.aclose())
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._spawn(self.aclose())
             return
         try:
             self._bridge.call(self.aclose(), self._timeout + 5, "JetStreamJobStore.shutdown()")
@@ -288,21 +293,27 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
 
     async def aclose(self) -> None:
         """Flush queued writes (bounded by the timeout), stop the tasks, close our connection."""
-        self._closing = True
-        if self._tasks and not self._tasks[1].done():
+        parts, self._parts = self._parts, None
+        if self._state is State.CLOSED or parts is None:
+            self._state = State.CLOSED
+            return
+        self._state = State.CLOSING
+        writer = parts.tasks[1] if len(parts.tasks) > 1 else None
+        if writer is not None and not writer.done():
             try:
-                await asyncio.wait_for(self.aflush(), self._timeout)
+                await asyncio.wait_for(parts.writeback.flush(), self._timeout)
             except TimeoutError:
-                pending = len(set(self._queue) | set(self._inflight))
-                logger.warning("job store closed with {} unwritten changes", pending)
-        for task in self._tasks:
+                logger.warning(
+                    "job store closed with {} unwritten changes", parts.writeback.unwritten()
+                )
+        for task in parts.tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
-        if self._writes is not None:
-            await self._writes.stop()
-            self._writes = None
-        self._opened = False
+        await asyncio.gather(*parts.tasks, return_exceptions=True)
+        await parts.writeback.stop()
+        if parts.feed is not None:
+            await parts.feed.stop()
+        await parts.writes.stop()
+        self._state = State.CLOSED
         if self._own_nc and self._nc is not None and not self._nc.is_closed:
             await self._nc.close()
 
@@ -310,33 +321,58 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
 
     def lookup_job(self, job_id: str) -> Job | None:
         with self._lock:
-            return self._index.lookup_job(job_id)
+            return self._mirror.lookup(job_id)
 
     def get_due_jobs(self, now: Any) -> list[Job]:
         with self._lock:
-            return self._index.get_due_jobs(now)  # type: ignore[no-any-return]
+            return self._mirror.due(now)
 
     def get_next_run_time(self) -> Any:
         with self._lock:
-            return self._index.get_next_run_time()
+            return self._mirror.next_run_time()
 
     def get_all_jobs(self) -> list[Job]:
         with self._lock:
-            jobs: list[Job] = self._index.get_all_jobs()
+            jobs = self._mirror.all()
         self._fix_paused_jobs_sorting(jobs)
         return jobs
+
+    def jobs(self) -> list[Job]:
+        """Every job, in no particular order (cheaper than `get_all_jobs()`)."""
+        with self._lock:
+            return list(self._mirror)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._mirror)
+
+    def revision(self, job_id: str) -> int:
+        """The KV revision of the job's local copy (0: never stored)."""
+        with self._lock:
+            return self._mirror.revisions.get(job_id, 0)
+
+    @property
+    def applied_seq(self) -> int:
+        """The stream sequence of the last KV change the local copy holds."""
+        parts = self._parts
+        return parts.feed.last_seq if parts is not None and parts.feed is not None else 0
 
     @property
     def loaded(self) -> bool:
         """True once the initial load is done and the watch and writer run."""
-        return self._opened and all(not task.done() for task in self._tasks)
+        parts = self._parts
+        return (
+            self._state is State.OPEN
+            and parts is not None
+            and all(not task.done() for task in parts.tasks)
+        )
 
     def skipped_records(self) -> dict[str, str]:
         """Job ids whose KV records were not loaded, with the reason."""
         with self._lock:
-            return dict(self._skipped)
+            return dict(self._mirror.skipped)
 
-    # --- writes: index now, KV through the writer --------------------------------------------
+    # --- writes: memory now, KV through the write-back ------------------------------------
 
     def add_job(self, job: Job) -> None:
         if (
@@ -353,122 +389,68 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
             raise ValueError(f"function {job.func_ref!r} is not on the store's allow-list")
         data = self._encoder.encode(job, self.writer_id)
         with self._lock:
-            if job.id in self._skipped:
-                raise ConflictingIdError(job.id)
-            self._index.add_job(job)
-            self._stale.pop(id(job), None)  # re-added after a removal: current again
+            self._mirror.add(job)
             job.func = self._resolver.resolve(job.func_ref)
-            self._enqueue(job.id, data)
+            self._writeback().put(job.id, data)
+        self._changed(job.id, job)
 
     def update_job(self, job: Job) -> None:
-        if self._is_stale(job):
-            return  # a copy a remote change replaced: that change wins (checked again below)
         with self._lock:
-            if job.id in self._held and self._index.lookup_job(job.id) is job:
-                # Encoded once at release(): a fire updates its job twice (APScheduler's
-                # next run time, then our run state) and only the last version is written.
-                self._reindex(job)
-                self._deferred[job.id] = job
-                self._outstanding(job.id)
-                return
+            if self._mirror.is_stale(job):
+                return  # a copy a remote change replaced: that change wins
         try:
             data = self._encoder.encode(job, self.writer_id)
         except ValueError:
-            # APScheduler already changed this Job object in place: take it out of the
-            # index so it can never run in that state, and reload the stored version.
-            with self._lock:
-                if self._index.lookup_job(job.id) is job:
-                    self._index.remove_job(job.id)
-                    self._stale[id(job)] = job
-                # The last accepted version: still queued, in flight, or else in KV.
-                last = self._queue.get(job.id, self._inflight.get(job.id))
-                if last is not None:
-                    self._apply(job.id, last)
-                    raise
-            if self._bridge is not None and not self._bridge.in_loop_thread():
-                with contextlib.suppress(TimeoutError, StoreError):
-                    self._bridge.call(self._resync(job.id), self._timeout, "reloading a job")
-            elif self._bridge is not None:
-                self._spawn_resync(job.id)  # cannot wait on the loop's own thread
+            self._reject(job)
             raise
         with self._lock:
-            if self._is_stale(job):
-                # The scheduler still held the copy a remote change replaced: that change wins.
+            if self._mirror.is_stale(job):
+                return  # replaced while we encoded
+            self._mirror.update(job)
+            self._writeback().put(job.id, data)
+        self._changed(job.id, job)
+
+    def _reject(self, job: Job) -> None:
+        """APScheduler changed `job` in place into a state that cannot be stored: take it
+        out of the index so it never runs so, and bring back the last accepted version."""
+        writeback = self._writeback()
+        with self._lock:
+            self._mirror.forget(job.id, job)
+            last = writeback.pending(job.id)
+            if last is not None:  # still queued or in flight: that is the last accepted one
+                self._apply(job.id, last)
                 return
-            self._reindex(job)
-            self._enqueue(job.id, data)
+        bridge = self._bridge
+        if bridge is not None and not bridge.in_loop_thread():
+            with contextlib.suppress(TimeoutError, StoreError):
+                bridge.call(self._resync(job.id), self._timeout, "reloading a job")
+        elif bridge is not None:
+            self._spawn(self._resync(job.id))  # cannot wait on the loop's own thread
 
     def remove_job(self, job_id: str) -> None:
         with self._lock:
-            if job_id in self._skipped:
-                del self._skipped[job_id]
-            else:
-                self._index.remove_job(job_id)
-            self._deferred.pop(job_id, None)
+            self._mirror.remove(job_id)
             self._encoder.forget(job_id)
-            self._enqueue(job_id, _DELETE)
+            self._writeback().delete(job_id)
+        self._changed(job_id, None)
 
     def remove_all_jobs(self) -> None:
         with self._lock:
-            ids = [job.id for job in self._index.get_all_jobs()] + list(self._skipped)
-            self._index.remove_all_jobs()
-            self._skipped.clear()
-            self._stale.clear()
-            self._deferred.clear()
+            ids = self._mirror.remove_all()
             self._encoder.clear()
             for job_id in ids:
-                self._enqueue(job_id, _DELETE)
+                self._writeback().delete(job_id)
+        for job_id in ids:
+            self._changed(job_id, None)
 
-    def hold(self, job_id: str) -> None:
-        """Keep `job_id`'s writes queued until `release()`.
+    def _writeback(self) -> WriteBack:
+        if self._parts is None:
+            raise StoreError(f"the job store of bucket {self.bucket!r} is not open")
+        return self._parts.writeback
 
-        An executor holds a job while its fire is in flight, so that the job's advanced
-        next run time never reaches KV before the fire itself went out: a crash in between
-        leaves the slot for the next leader instead of losing it. While a job is held,
-        `update_job` of its indexed object only updates the index; its record is encoded
-        once, at the last `release()` (a fire updates a job twice). An update that cannot
-        be encoded is then logged and dropped, and the stored version reloaded.
-        """
-        with self._lock:
-            self._held[job_id] = self._held.get(job_id, 0) + 1
-
-    def release(self, job_id: str) -> None:
-        with self._lock:
-            holds = self._held.get(job_id, 0) - 1
-            if holds > 0:
-                self._held[job_id] = holds
-                return
-            self._held.pop(job_id, None)
-            job = self._deferred.pop(job_id, None)
-            if job is not None:
-                try:
-                    self._queue[job_id] = self._encoder.encode(job, self.writer_id)
-                except ValueError as exc:
-                    # Only an application's own held job can get here (nats-cron's state
-                    # is JSON): keep the last stored version, as a rejected update does.
-                    logger.bind(job_id=job_id).error("cannot store job: {}", exc)
-                    if self._bridge is not None:
-                        self._bridge.soon(self._spawn_resync, job_id)
-                    self._since.pop(job_id, None)
-                    if self._flushers:
-                        self._kick()
-            if job_id in self._queue:
-                self._kick()
-
-    def _enqueue(self, job_id: str, data: bytes | None) -> None:
-        self._queue[job_id] = data
-        self._outstanding(job_id)
-        if job_id not in self._held:
-            self._kick()
-
-    def _outstanding(self, job_id: str) -> None:
-        self._tick += 1
-        self._since.setdefault(job_id, self._tick)
-
-    def _kick(self) -> None:
-        if not self._kick_pending and self._bridge is not None and self._wake is not None:
-            self._kick_pending = True
-            self._bridge.soon(self._wake.set)
+    def _changed(self, job_id: str, job: Job | None) -> None:
+        if self.on_change is not None:
+            self.on_change(job_id, job)
 
     # --- durability --------------------------------------------------------------------------
 
@@ -479,302 +461,118 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
 
     async def aflush(self) -> None:
         """Wait until every change made so far has been written (or lost its race)."""
-        with self._lock:
-            if not self._since and not self._flying:
-                return
-            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._flushers.append((self._tick, future))
-        self._kick()
-        await future
+        if self._parts is not None:
+            await self._parts.writeback.flush()
 
     async def apersist(self, job_id: str) -> None:
         """Wait for the queued write of `job_id`; WriteConflict if another writer won."""
+        if self._parts is not None:
+            await self._parts.writeback.persist(job_id)
+
+    async def catch_up(self, timeout: float) -> bool:
+        """Wait until the local copy holds every change that is in KV now; False on timeout.
+
+        A new leader calls this before it fires: its watch may have been behind (a server
+        restart, the death of the node holding its consumer), and a stale copy would fire
+        slots of a job as it was, not as it is.
+        """
+        parts = self._parts
+        if parts is None or parts.feed is None:
+            return False
+        return await parts.feed.catch_up(timeout)
+
+    def _written(self, job_id: str, revision: int) -> None:
         with self._lock:
-            if (
-                job_id not in self._queue
-                and job_id not in self._inflight
-                and job_id not in self._deferred
-            ):
-                return
-            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiters.setdefault(job_id, []).append(future)
-        await future
-
-    # --- the writer task -------------------------------------------------------------------
-
-    async def _writer(self) -> None:
-        assert self._wake is not None
-        backoff = _RETRY_MIN
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            with self._lock:
-                self._kick_pending = False
-                batch = {k: v for k, v in self._queue.items() if k not in self._held}
-                for job_id in batch:
-                    del self._queue[job_id]
-                    self._flying[job_id] = self._since.pop(job_id, self._tick)
-                self._inflight.update(batch)
-            if batch:
-                if await self._write(batch):
-                    backoff = _RETRY_MIN
-                else:  # NATS unreachable: retry the failed keys, backing off
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, _RETRY_MAX)
-            with self._lock:
-                if any(job_id not in self._held for job_id in self._queue):
-                    self._wake.set()
-                flushers = self._due_flushers()
-            for future in flushers:
-                if not future.done():
-                    future.set_result(None)
-
-    def _due_flushers(self) -> list[asyncio.Future[None]]:
-        """Flushers whose writes are all done: nothing outstanding is as old. Holds the lock."""
-        if not self._flushers:
-            return []
-        oldest = min(
-            min(self._since.values(), default=math.inf),
-            min(self._flying.values(), default=math.inf),
-        )
-        due = [future for ticket, future in self._flushers if ticket < oldest]
-        self._flushers = [(ticket, f) for ticket, f in self._flushers if ticket >= oldest]
-        return due
-
-    async def _write(self, batch: dict[str, bytes | None]) -> bool:
-        """Compare-and-set writes of a batch, pipelined; False if some must be retried."""
-        assert self._kv is not None and self._writes is not None
-        with self._lock:  # a delete of a key KV never had has nothing to do
-            writes = [
-                (job_id, data, self._revisions.get(job_id, 0))
-                for job_id, data in batch.items()
-                if data is not None or job_id in self._revisions
-            ]
-        outcomes: dict[str, Outcome | None] = dict.fromkeys(batch)
-        for (job_id, data, last), outcome in zip(
-            writes, await self._writes.send(writes), strict=True
-        ):
-            if last == 0 and isinstance(outcome, nats.js.errors.KeyWrongLastSequenceError):
-                # A create over a deleted key must name the deletion's revision: nats-py's
-                # create() looks it up (and still fails if the key holds a value).
-                assert data is not None
-                try:
-                    outcome = await self._kv.create(job_id, data)
-                except (nats.errors.Error, TimeoutError, OSError) as exc:
-                    outcome = exc
-            outcomes[job_id] = outcome
-        failed = [(job_id, result) for job_id, result in outcomes.items() if _is_transient(result)]
-        if failed:
-            logger.bind(bucket=self.bucket).error(
-                "writing {} job(s) failed, retrying: {} (first: {!r})",
-                len(failed),
-                failed[0][1],
-                failed[0][0],
-            )
-        for job_id, result in outcomes.items():
-            await self._settle(job_id, batch[job_id], result)
-        return not failed
-
-    async def _settle(self, job_id: str, data: bytes | None, outcome: Outcome | None) -> None:
-        """Record one write's outcome (None: nothing was written) and answer its waiters."""
-        error: BaseException | None = None
-        with self._lock:
-            ticket = self._flying.pop(job_id, self._tick)
-        if isinstance(outcome, int):
-            with self._lock:
-                self._revisions[job_id] = max(outcome, self._revisions.get(job_id, 0))
-        elif _is_transient(outcome):
-            error = StoreError(f"writing job {job_id!r} failed: {outcome}")
-            with self._lock:  # retry later unless something newer is queued
-                self._queue.setdefault(job_id, data)
-                self._since[job_id] = min(ticket, self._since.get(job_id, ticket))
-        elif outcome is not None:
-            error = WriteConflict(f"job {job_id!r} was changed by another writer")
-            logger.bind(job_id=job_id).info(
-                "write lost a compare-and-set race; reloading ({!r})", outcome
-            )
-            await self._resync(job_id)
-        with self._lock:
-            self._inflight.pop(job_id, None)
-            newer = job_id in self._queue or job_id in self._deferred
-            waiters = [] if newer else self._waiters.pop(job_id, [])
-        for future in waiters:
-            if not future.done():
-                if error is None:
-                    future.set_result(None)
-                else:
-                    future.set_exception(error)
-
-    def _spawn_resync(self, job_id: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._resync(job_id))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+            self._mirror.revisions[job_id] = max(revision, self._mirror.revisions.get(job_id, 0))
 
     async def _resync(self, job_id: str) -> None:
         """After a lost race, make the local copy what KV holds now.
 
         Read from the stream leader, not with a direct get: in a cluster a direct get may
         be answered by a replica that lags behind, and applying its older version would
-        make the scheduler fire a recorded slot again.
+        bring back a state of the job that KV no longer holds.
         """
         assert self._nc is not None
         try:
             msg = await self._nc.jetstream().get_msg(
                 f"KV_{self.bucket}", subject=f"$KV.{self.bucket}.{job_id}", direct=False
             )
-            headers = msg.headers or {}
-            deleted = headers.get(_KV_OP) in ("DEL", "PURGE") or "Nats-Marker-Reason" in headers
+            deleted = is_kv_delete(msg.headers)
             value, revision = (None if deleted else msg.data), int(msg.seq or 0)
         except nats.js.errors.NotFoundError:
             value, revision = None, 0
         except (nats.errors.Error, TimeoutError) as exc:
-            logger.bind(job_id=job_id).warning("reloading job after a conflict failed: {}", exc)
+            logger.bind(job_id=job_id).warning(
+                "reloading job after a conflict failed: {}", str(exc) or type(exc).__name__
+            )
             return
         with self._lock:
-            if revision and revision < self._revisions.get(job_id, 0):
+            if revision and revision < self._mirror.revisions.get(job_id, 0):
                 return  # the watch already brought something newer
-            self._revisions[job_id] = max(revision, self._revisions.get(job_id, 0))
-            self._drop_queued(job_id)
-            self._apply(job_id, value)
+            self._mirror.revisions[job_id] = max(revision, self._mirror.revisions.get(job_id, 0))
+            if self._parts is not None:
+                self._parts.writeback.drop(job_id)
+            job = self._apply(job_id, value)
+        self._changed(job_id, job)
         self._wakeup_scheduler()
 
     # --- the watch -----------------------------------------------------------------------------
 
-    async def _watch(self) -> None:
-        """The watch task: entries are handled in the feed's callback; this task ends (and
-        the store fails) if handling one raised."""
-        assert self._nc is not None
-        failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        feed = KVFeed(self._nc, self.bucket, handler=lambda entry: self._on_feed(entry, failed))
-        self._feed = feed
-        await feed.start()
-        try:
-            await failed
-        finally:
-            self._feed = None
-            await feed.stop()
+    async def _watch(self, failed: asyncio.Future[None]) -> None:
+        """Ends (and the store fails) if handling a watched entry raised."""
+        await failed
 
-    def _on_feed(self, entry: KeyValue.Entry | None, failed: asyncio.Future[None]) -> None:
-        assert self._loaded is not None
+    def _on_feed(
+        self,
+        entry: KeyValue.Entry | None,
+        loaded: asyncio.Future[None],
+        failed: asyncio.Future[None],
+    ) -> None:
         if failed.done():
             return
         try:
             if entry is None:
                 with self._lock:
-                    self._index_bulk()
-                self._loaded.set()
+                    self._mirror.end_bulk()
+                    for job in self._mirror:
+                        self._attach(job)
+                if not loaded.done():
+                    loaded.set_result(None)
                 self._wakeup_scheduler()
                 return
-            revision = entry.revision or 0
-            changed = self._on_entry(entry.key, entry.value, revision, entry.operation)
-            self._applied_seq = max(self._applied_seq, revision)
-            if changed and self._loaded.is_set() and not entry.delta:
+            self._applied += 1
+            changed = self._on_entry(entry.key, entry.value, entry.revision or 0, entry.operation)
+            if changed and loaded.done() and not entry.delta:
                 self._wakeup_scheduler()
-            if self._sync_waiters:
-                self._wake_sync_waiters()
         except Exception as exc:  # a bug: fail the watch task (and the store) loudly
             failed.set_exception(exc)
-
-    async def catch_up(self, timeout: float) -> bool:
-        """Wait until the index holds every change that is in KV now; False on timeout.
-
-        A new leader calls this before it fires: its watch may have been behind (a
-        server restart, the death of the node holding its consumer), and a stale index
-        would fire slots again that the previous leader already fired. A watch that
-        makes no progress for a moment is re-created from where it stopped.
-        """
-        assert self._nc is not None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:  # right after a node restart the stream may have no leader for a bit
-            remaining = deadline - loop.time()
-            try:
-                info = await asyncio.wait_for(
-                    self._nc.jetstream().stream_info(f"KV_{self.bucket}"), max(remaining, 0.01)
-                )
-                break
-            except (nats.errors.Error, TimeoutError) as exc:
-                if deadline - loop.time() <= _RETRY_MIN:
-                    logger.bind(bucket=self.bucket).warning("cannot check the job watch: {}", exc)
-                    return False
-                await asyncio.sleep(_RETRY_MIN)
-        target = int(info.state.last_seq)
-        stall = min(0.5, timeout / 4)
-        while self._applied_seq < target:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                logger.bind(bucket=self.bucket).warning(
-                    "job watch still behind KV ({} < {})", self._applied_seq, target
-                )
-                return False
-            future: asyncio.Future[None] = loop.create_future()
-            self._sync_waiters.append((target, future))
-            seen = self._applied_seq
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(future, min(stall, remaining))
-            if self._applied_seq == seen and self._feed is not None:
-                self._feed.resume()  # no progress: the consumer is probably gone
-        return True
-
-    def _wake_sync_waiters(self) -> None:
-        keep = []
-        for target, future in self._sync_waiters:
-            if future.done():
-                continue
-            if self._applied_seq >= target:
-                future.set_result(None)
-            else:
-                keep.append((target, future))
-        self._sync_waiters = keep
 
     def _on_entry(
         self, job_id: str, value: bytes | None, revision: int, operation: str | None
     ) -> bool:
         """Apply one watched KV entry; True if the local view changed."""
         deleted = operation in ("DEL", "PURGE") or value is None
-        self._applied += 1
+        parts = self._parts
         with self._lock:
-            known = self._revisions.get(job_id, 0)
+            known = self._mirror.revisions.get(job_id, 0)
             if revision <= known:
                 return False  # our own write (acknowledged already) or older
-            self._revisions[job_id] = revision
-            if deleted and job_id in self._inflight and self._inflight[job_id] is _DELETE:
+            self._mirror.revisions[job_id] = revision
+            if deleted and parts is not None and parts.writeback.is_deleting(job_id):
                 return False  # the echo of our own delete, ahead of its ack
             if not deleted and _is_own(value, self.writer_id):
                 return False  # the echo of our own write
-            self._drop_queued(job_id)  # local changes were based on an older version
-            self._apply(job_id, None if deleted else value)
-            return True
+            if parts is not None:
+                parts.writeback.drop(job_id)  # local changes were based on an older version
+            job = self._apply(job_id, None if deleted else value)
+        self._changed(job_id, job)
+        return True
 
-    def _drop_queued(self, job_id: str) -> None:
-        """Discard a queued write that a newer remote version overtook. Holds the lock."""
-        deferred = self._deferred.pop(job_id, None)
-        if self._queue.pop(job_id, _MISSING) is _MISSING and deferred is None:
-            return
-        self._since.pop(job_id, None)
-        if self._flushers:
-            self._kick()
-        if job_id in self._inflight:
-            return  # its waiters are answered when the in-flight write ends
-        error = WriteConflict(f"job {job_id!r} was changed by another writer")
-        for future in self._waiters.pop(job_id, []):
-            self._bridge_resolve(future, error)
-
-    def _bridge_resolve(self, future: asyncio.Future[None], error: BaseException) -> None:
-        if self._bridge is not None and not future.done():
-            self._bridge.soon(_set_exception, future, error)
-
-    def _apply(self, job_id: str, value: bytes | None) -> None:
+    def _apply(self, job_id: str, value: bytes | None) -> Job | None:
         """Replace the local copy of `job_id` with KV's (None: deleted). Holds the lock."""
-        if self._bulk is not None:
-            self._bulk.pop(job_id, None)
-        old = self._index.lookup_job(job_id)
-        if old is not None:
-            self._index.remove_job(job_id)
-            self._stale[id(old)] = old
-        self._skipped.pop(job_id, None)
         if value is None:
-            return
+            self._mirror.replace(job_id, None)
+            return None
         try:
             record = decode_record(value)
             if record.get("id") != job_id:
@@ -782,49 +580,14 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
             func = self._resolver.resolve(str(record.get("func")))
             job = build_job(record, func)
         except RecordError as exc:
-            self._skipped[job_id] = str(exc)
+            self._mirror.replace(job_id, None, skipped=str(exc))
             logger.bind(bucket=self.bucket, job_id=job_id).warning(
                 "skipping job record (kept in KV, never run): {}", exc
             )
-            return
+            return None
         self._attach(job)
-        if self._bulk is not None:
-            self._bulk[job_id] = job
-        else:
-            self._index.add_job(job)
-
-    def _index_bulk(self) -> None:
-        """Index the jobs of the initial load with one sort. Holds the lock.
-
-        `MemoryJobStore.add_job` costs a pure-Python bisection and a list insert per job,
-        quadratic over a load of 100,000 jobs in random next-run order. This builds the same
-        structure (APScheduler 3's: a list of (job, timestamp) sorted by timestamp, None
-        last, then id; and an id -> entry dict) in one go.
-        """
-        jobs, self._bulk = self._bulk or {}, None
-        entries = list(self._index._jobs)
-        entries.extend((job, datetime_to_utc_timestamp(job.next_run_time)) for job in jobs.values())
-        entries.sort(key=lambda e: (math.inf if e[1] is None else e[1], e[0].id))
-        self._index._jobs = entries
-        self._index._jobs_index = {entry[0].id: entry for entry in entries}
-
-    def _reindex(self, job: Job) -> None:
-        """`MemoryJobStore.update_job`, skipped when it would change nothing. Holds the lock.
-
-        A nats-cron fire updates its job twice, the second time (run state) with the same
-        next run time: re-sorting the index for it cost a pure-Python bisection per fire.
-        """
-        entry = self._index._jobs_index.get(job.id)
-        if (
-            entry is not None
-            and entry[0] is job
-            and entry[1] == datetime_to_utc_timestamp(job.next_run_time)
-        ):
-            return
-        self._index.update_job(job)
-
-    def _is_stale(self, job: Job) -> bool:
-        return bool(self._stale) and self._stale.get(id(job)) is job
+        self._mirror.replace(job_id, job)
+        return job
 
     def _attach(self, job: Job) -> None:
         if self._scheduler is not None:
@@ -836,22 +599,18 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
         if scheduler is not None and scheduler.running:
             scheduler.wakeup()
 
+    def _spawn(self, coro: Any) -> None:
+        assert self._bridge is not None
+
+        def spawn() -> None:
+            task = asyncio.get_running_loop().create_task(coro)
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+        self._bridge.soon(spawn)
+
     def __repr__(self) -> str:
         return f"<JetStreamJobStore (bucket={self.bucket!r})>"
-
-
-def _is_transient(outcome: Outcome | None) -> bool:
-    """A write that failed for want of NATS (retried), not because of what KV holds."""
-    if isinstance(outcome, nats.js.errors.ServiceUnavailableError):
-        return True
-    if isinstance(outcome, nats.js.errors.APIError):
-        return False  # a lost compare-and-set race, or a write the stream refuses
-    return isinstance(outcome, nats.errors.Error | TimeoutError | OSError)
-
-
-def _set_exception(future: asyncio.Future[None], error: BaseException) -> None:
-    if not future.done():
-        future.set_exception(error)
 
 
 def _is_own(value: bytes | None, writer_id: str) -> bool:

@@ -1,22 +1,21 @@
-"""What a fire does, against a real nats-server: headers, payloads, fencing, run state,
-history and JetStream de-duplication of a slot; plus the pure jitter function.
+"""What a fire is, against a real nats-server: headers, payloads, the fence, history records
+and run state, JetStream de-duplication of a slot, the write-through wire; plus the pure
+jitter, ULID and fire-plan functions.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import json
-import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import nats
 import pytest
-from apscheduler.events import EVENT_ALL, EVENT_JOB_EXECUTED, EVENT_JOB_MISSED, JobEvent
 from apscheduler.job import Job
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.schedulers.background import BackgroundScheduler
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -24,16 +23,21 @@ from nats.aio.subscription import Subscription
 from nats.js.api import StreamConfig
 from ulid import ULID
 
-from nats_apscheduler.errors import NotLeaderError
+from nats_apscheduler._wire import Wire, pub
+from nats_apscheduler.errors import NotLeaderError, SpecError
 from nats_apscheduler.fire import (
     FIRE_REF,
-    FireExecutor,
+    Fire,
+    FirePlan,
     Firer,
-    History,
+    Plans,
+    Skip,
     fire,
     jitter_delay,
     rfc3339,
+    ulid,
 )
+from nats_apscheduler.history import History, RunStates
 from nats_apscheduler.spec import parse_job
 
 # A slot on a whole millisecond; its unix time in ms, computed without floats.
@@ -41,7 +45,7 @@ SLOT = datetime(2030, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
 SLOT_MS = (SLOT - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
 
 
-def make_job(document: dict[str, Any], next_run_time: datetime | None = None) -> Job:
+def make_job(document: dict[str, Any]) -> Job:
     """A nats-cron job as the store holds it, owned by a scheduler that is never started."""
     spec = parse_job(document)
     return Job(
@@ -51,12 +55,12 @@ def make_job(document: dict[str, Any], next_run_time: datetime | None = None) ->
         trigger=spec.trigger(SLOT),
         executor="nats",
         args=(),
-        kwargs={"job": spec.to_document(), "state": {}},
+        kwargs={"job": spec.to_document()},
         name=spec.subject,
         misfire_grace_time=60,
         coalesce=True,
         max_instances=1,
-        next_run_time=next_run_time,
+        next_run_time=SLOT,
     )
 
 
@@ -70,13 +74,17 @@ def doc(subject: str, payload: dict[str, Any] | None = None, **schedule: str) ->
     return document
 
 
+def plan(document: dict[str, Any]) -> FirePlan:
+    return Plans().of(make_job(document))
+
+
 class Fence:
     def __init__(self, up: bool = True) -> None:
         self.up = up
-        self.calls: list[float] = []
+        self.calls = 0
 
-    def __call__(self) -> bool:
-        self.calls.append(time.monotonic())
+    def is_leader_now(self) -> bool:
+        self.calls += 1
         return self.up
 
 
@@ -92,17 +100,13 @@ async def publisher(nats_url: str) -> AsyncIterator[Client]:
 def firer_for(
     publisher: Client,
     fence: Fence | None = None,
-    persisted: list[Job] | None = None,
     history: History | None = None,
+    states: RunStates | None = None,
+    instance: str = "inst-1",
 ) -> Firer:
-    return Firer(
-        publisher,
-        "inst-1",
-        fence=fence or Fence(),
-        epoch=lambda: 42,
-        persist=(persisted if persisted is not None else []).append,
-        history=history,
-    )
+    firer = Firer(Wire(publisher), fence or Fence(), instance, history, states or RunStates())
+    firer.epoch = 42
+    return firer
 
 
 async def settle(nc: Client) -> None:
@@ -123,7 +127,7 @@ async def subscribe(nc: Client, subject: str) -> Subscription:
     return sub
 
 
-# --- jitter ---------------------------------------------------------------------------------
+# --- pure ---------------------------------------------------------------------------------------
 
 
 def test_jitter_is_deterministic_bounded_and_spread() -> None:
@@ -143,9 +147,56 @@ def test_jitter_is_deterministic_bounded_and_spread() -> None:
     assert jitter_delay("a.b", SLOT, timedelta(seconds=-1)) == 0.0
     # Scales with the window: the same fraction of it.
     assert jitter_delay("a.b", SLOT, timedelta(seconds=20)) == pytest.approx(first * 2)
+    assert jitter_delay("a.b", SLOT, 10.0) == first
 
 
-# --- publishing -----------------------------------------------------------------------------
+def test_ulid_of_a_slot() -> None:
+    bodies = {ulid(SLOT_MS).decode() for _ in range(1000)}
+    assert len(bodies) == 1000
+    for body in list(bodies)[:50]:
+        assert len(body) == 26 and set(body) <= set("0123456789ABCDEFGHJKMNPQRSTVWXYZ")
+        assert ULID.from_str(body).datetime == SLOT
+    assert ULID.from_str(ulid(0).decode()).milliseconds == 0
+    assert ULID.from_str(ulid(2**48 - 1).decode()).milliseconds == 2**48 - 1
+
+
+def test_fire_plan_of_a_stored_document() -> None:
+    text = plan(doc("a.b", {"type": "text", "data": "héllo"}, every="1m", jitter="1500ms"))
+    assert text == FirePlan("a.b", "héllo".encode(), 1.5)
+    assert plan(doc("a.b")).body is None
+    job = make_job(doc("a.b"))
+    with pytest.raises(SpecError, match="does not match"):
+        FirePlan.of(job.id, doc("a.other"))
+    with pytest.raises(SpecError, match="reserved"):
+        FirePlan.of("$JS.API.x", doc("$JS.API.x"))
+    with pytest.raises(SpecError):
+        bad = {"type": "base64", "data": "!"}
+        FirePlan.of("a.b", {"target": {"subject": "a.b"}, "payload": bad})
+    with pytest.raises(SpecError):
+        FirePlan.of("a.b", None)
+
+
+def test_plans_are_read_once_per_document_version() -> None:
+    plans = Plans()
+    job = make_job(doc("a.b", {"type": "text", "data": "v1"}))
+    first = plans.of(job)
+    assert plans.of(job) is first
+    job.kwargs = {"job": doc("a.b", {"type": "text", "data": "v2"})}
+    assert plans.of(job).body == b"v2"
+
+
+def test_writing_is_synchronous() -> None:
+    """No await between the fence check and the socket write: `write` is a plain call."""
+    assert not inspect.iscoroutinefunction(Firer.write)
+    assert not inspect.iscoroutinefunction(Wire.write)
+
+
+async def test_module_fire_refuses() -> None:
+    with pytest.raises(NotLeaderError):
+        await fire(job={"target": {"subject": "a.b"}})
+
+
+# --- publishing ---------------------------------------------------------------------------------
 
 
 async def test_fire_publishes_headers_and_json_payload(
@@ -153,10 +204,8 @@ async def test_fire_publishes_headers_and_json_payload(
 ) -> None:
     subject = f"{bucket}.cleanup"
     sub = await subscribe(nc, subject)
-    persisted: list[Job] = []
-    job = make_job(doc(subject, {"type": "json", "data": '{"table": "sessions"}'}))
-    outcome = await firer_for(publisher, persisted=persisted).fire(job, SLOT)
-    assert outcome.status == "fired" and outcome.error is None
+    fire_plan = plan(doc(subject, {"type": "json", "data": '{"table": "sessions"}'}))
+    assert firer_for(publisher).write([Fire(fire_plan, SLOT)])
     msg = await sub.next_msg(timeout=2)
     assert msg.data == b'{"table": "sessions"}'  # published as given
     assert msg.headers == {
@@ -166,7 +215,6 @@ async def test_fire_publishes_headers_and_json_payload(
         "Nats-Cron-Instance": "inst-1",
         "Nats-Cron-Epoch": "42",
     }
-    assert persisted == [job]
 
 
 @pytest.mark.parametrize(
@@ -184,8 +232,7 @@ async def test_fire_payload_types(
 ) -> None:
     subject = f"{bucket}.payload"
     sub = await subscribe(nc, subject)
-    outcome = await firer_for(publisher).fire(make_job(doc(subject, payload)), SLOT)
-    assert outcome.status == "fired"
+    assert firer_for(publisher).write([Fire(plan(doc(subject, payload)), SLOT)])
     assert (await sub.next_msg(timeout=2)).data == body
 
 
@@ -195,98 +242,75 @@ async def test_fire_without_payload_sends_ulid_of_slot(
 ) -> None:
     subject = f"{bucket}.ulid"
     sub = await subscribe(nc, subject)
-    firer = firer_for(publisher)
-    await firer.fire(make_job(doc(subject, payload)), SLOT)
-    await firer.fire(make_job(doc(subject, payload)), SLOT + timedelta(seconds=1))
+    fire_plan = plan(doc(subject, payload))
+    later = SLOT + timedelta(seconds=1)
+    firer_for(publisher).write([Fire(fire_plan, SLOT), Fire(fire_plan, later)])
     first = (await sub.next_msg(timeout=2)).data.decode()
     second = (await sub.next_msg(timeout=2)).data.decode()
-    for body in (first, second):
-        assert len(body) == 26 and body == body.upper()
-        assert set(body) <= set("0123456789ABCDEFGHJKMNPQRSTVWXYZ")
     assert ULID.from_str(first).datetime == SLOT
     assert ULID.from_str(second).datetime == SLOT + timedelta(seconds=1)
     assert first != second
 
 
-async def test_fenced_fire_does_not_publish_and_hands_the_slot_back(
-    nc: Client, publisher: Client, bucket: str
-) -> None:
+async def test_a_whole_batch_leaves_in_order(nc: Client, publisher: Client, bucket: str) -> None:
+    sub = await subscribe(nc, f"{bucket}.herd.>")
+    plans = [plan(doc(f"{bucket}.herd.{n}")) for n in range(500)]
+    assert firer_for(publisher).write([Fire(p, SLOT) for p in plans])
+    got = [(await sub.next_msg(timeout=2)).subject for _ in range(500)]
+    assert got == [p.subject for p in plans]
+
+
+async def test_a_fenced_batch_writes_nothing(nc: Client, publisher: Client, bucket: str) -> None:
     subject = f"{bucket}.fenced"
     sub = await subscribe(nc, subject)
-    persisted: list[Job] = []
-    # APScheduler moves next_run_time past the slot before it submits the job.
-    job = make_job(doc(subject), next_run_time=SLOT + timedelta(minutes=1))
     fence = Fence(up=False)
-    outcome = await firer_for(publisher, fence, persisted).fire(job, SLOT)
-    assert outcome.status == "fenced"
-    assert fence.calls
-    assert job.next_run_time == SLOT  # the next leader fires this slot
-    assert persisted == [job]
-    assert job.kwargs["state"] == {}  # nothing recorded as run
-    # Anything the firer had published would arrive before this marker (one connection,
-    # in order): the first message is the marker.
+    states = RunStates()
+    assert not firer_for(publisher, fence, states=states).write([Fire(plan(doc(subject)), SLOT)])
+    assert fence.calls == 1 and states.get(subject) is None
+    # Anything the firer had written would arrive before this marker (one connection, in
+    # order): the first message is the marker.
     await publisher.publish(subject, b"marker")
     assert (await sub.next_msg(timeout=2)).data == b"marker"
 
 
-async def test_fence_is_checked_after_the_jitter_delay(
-    nc: Client, publisher: Client, bucket: str
-) -> None:
-    subject = f"{bucket}.jitter"
-    sub = await subscribe(nc, subject)
-    job = make_job(doc(subject, every="1m", jitter="300ms"))
-    delay = jitter_delay(subject, SLOT, timedelta(milliseconds=300))
-    fence = Fence()
-    began = time.monotonic()
-    outcome = await firer_for(publisher, fence).fire(job, SLOT)
-    assert outcome.status == "fired"
-    assert fence.calls[0] - began >= delay - 0.005
-    assert (await sub.next_msg(timeout=2)).headers["Nats-Cron-Scheduled"] == rfc3339(SLOT)
-
-
-async def test_run_state_is_recorded_and_persisted(
-    nc: Client, publisher: Client, bucket: str
-) -> None:
-    subject = f"{bucket}.state"
-    persisted: list[Job] = []
-    job = make_job(doc(subject))
-    firer = firer_for(publisher, persisted=persisted)
-    before = datetime.now(UTC)
-    await firer.fire(job, SLOT)
-    second_slot = SLOT + timedelta(minutes=1)
-    await firer.fire(job, second_slot)
-    state = job.kwargs["state"]
-    assert state["run_count"] == 2
-    assert state["last_scheduled"] == rfc3339(second_slot)
-    assert state["last_error"] is None
-    last_run = datetime.fromisoformat(state["last_run"])
-    assert before - timedelta(seconds=1) <= last_run <= datetime.now(UTC) + timedelta(seconds=1)
-    assert len(persisted) == 2 and persisted[-1] is job
-    # The document itself is untouched.
-    assert job.kwargs["job"]["target"] == {"subject": subject}
-
-    # A failed publish is recorded as the last error and does not count as a run.
+async def test_nothing_is_written_without_a_connection(publisher: Client, bucket: str) -> None:
+    firer = firer_for(publisher)
     await publisher.close()
-    outcome = await firer.fire(job, second_slot + timedelta(minutes=1))
-    assert outcome.status == "error"
-    state = job.kwargs["state"]
-    assert state["run_count"] == 2
-    assert state["last_error"] and "publish failed" in state["last_error"]
-    assert len(persisted) == 3
+    assert not firer.write([Fire(plan(doc(f"{bucket}.gone")), SLOT)])
 
 
-async def test_invalid_document_is_refused(publisher: Client, bucket: str) -> None:
-    job = make_job(doc(f"{bucket}.a"))
-    job.kwargs = {**job.kwargs, "job": doc(f"{bucket}.other")}  # does not match the id
-    persisted: list[Job] = []
-    outcome = await firer_for(publisher, persisted=persisted).fire(job, SLOT)
-    assert outcome.status == "invalid"
-    assert persisted == []
+async def test_the_wire_keeps_the_connection_order(
+    nc: Client, publisher: Client, bucket: str
+) -> None:
+    """What nats-py queued before goes out before what the wire writes."""
+    subject = f"{bucket}.order"
+    sub = await subscribe(nc, subject)
+    wire = Wire(publisher)
+    for n in range(20):
+        await publisher.publish(subject, f"queued {n}".encode())  # in nats-py's buffer
+        wire.write([pub(subject, f"wired {n}".encode())], messages=1)
+    got = [(await sub.next_msg(timeout=2)).data.decode() for _ in range(40)]
+    assert got == [f"{kind} {n}" for n in range(20) for kind in ("queued", "wired")]
 
 
-async def test_module_fire_refuses() -> None:
-    with pytest.raises(NotLeaderError):
-        await fire(job={"target": {"subject": "a.b"}}, state={})
+async def test_run_state_follows_the_fires(publisher: Client, bucket: str) -> None:
+    subject = f"{bucket}.state"
+    states = RunStates()
+    firer = firer_for(publisher, states=states)
+    fire_plan = plan(doc(subject))
+    before = datetime.now(UTC)
+    firer.write([Fire(fire_plan, SLOT)])
+    second = SLOT + timedelta(minutes=1)
+    firer.write([Fire(fire_plan, second, caught_up=True)])
+    state = states.get(subject)
+    assert state is not None
+    assert state.run_count == 2 and state.last_scheduled == rfc3339(second)
+    assert state.last_outcome == "caught_up" and state.last_error is None
+    last_run = datetime.fromisoformat(state.last_run or "")
+    assert before - timedelta(seconds=1) <= last_run <= datetime.now(UTC) + timedelta(seconds=1)
+    firer.write([], [Skip(subject, 3, SLOT, second, more=False, past_grace=True)])
+    assert states.get(subject).last_outcome == "missed"  # type: ignore[union-attr]
+    assert states.get(subject).run_count == 2  # type: ignore[union-attr]
 
 
 # --- JetStream ------------------------------------------------------------------------------
@@ -314,11 +338,11 @@ async def test_stream_drops_a_duplicate_fire_of_one_slot(
     await js.add_stream(StreamConfig(name=stream, subjects=[subject]))
     try:
         # Two leaders (or one, twice) firing the same slot; then the next slot.
+        fire_plan = plan(doc(subject))
         for fired_by in ("inst-1", "inst-2"):
-            firer = Firer(publisher, fired_by, lambda: True, lambda: 7, lambda job: None)
-            assert (await firer.fire(make_job(doc(subject)), SLOT)).status == "fired"
+            assert firer_for(publisher, instance=fired_by).write([Fire(fire_plan, SLOT)])
         later = SLOT + timedelta(minutes=1)
-        await firer_for(publisher).fire(make_job(doc(subject)), later)
+        firer_for(publisher).write([Fire(fire_plan, later)])
         later_ms = (later - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
         await wait_stored(js, stream, subject, f"{subject}:{later_ms}")
         info = await js.stream_info(stream)
@@ -341,13 +365,17 @@ async def history(nc: Client, bucket: str) -> AsyncIterator[History]:
     await nc.jetstream().delete_stream(stream)
 
 
-async def test_history_newest_first_and_depth_limited(history: History, nc: Client) -> None:
+async def append(history: History, nc: Client, subject: str, record: dict[str, Any]) -> None:
+    await nc.publish(history.subject(subject), json.dumps(record).encode())
+
+
+async def test_history_newest_first_depth_limited_and_purged(history: History, nc: Client) -> None:
     js = nc.jetstream()
     for n in range(5):
-        await history.append("jobs.a", {"n": n})
+        await append(history, nc, "jobs.a", {"n": n})
     for n in range(2):
-        await history.append("jobs.b", {"n": n})
-    await history.append("jobs.end", {"n": "end"})
+        await append(history, nc, "jobs.b", {"n": n})
+    await append(history, nc, "jobs.end", {"n": "end"})
     end = json.dumps({"n": "end"})
     await wait_stored(js, history.stream, f"{history.prefix}.>", end)
     # Read repeatedly: each read must see every stored record, whatever the timing of the
@@ -360,49 +388,52 @@ async def test_history_newest_first_and_depth_limited(history: History, nc: Clie
     info = await js.stream_info(history.stream)
     assert info.config.max_msgs_per_subject == 3
     assert info.state.messages == 3 + 2 + 1
+    await history.purge("jobs.a")
+    assert await history.read("jobs.a", 10) == []
+    assert await history.read("jobs.b", 10) == [{"n": 1}, {"n": 0}]
 
 
-async def test_firer_appends_history(
+async def test_history_records_rebuild_the_run_state(
     history: History, nc: Client, publisher: Client, bucket: str
 ) -> None:
     subject = f"{bucket}.hist"
-    firer = firer_for(publisher, history=history)
-    await firer.fire(make_job(doc(subject)), SLOT)
-    await history.append("marker", {"n": "end"})  # on the same connection as History's
+    leader_states = RunStates()
+    firer = firer_for(publisher, history=history, states=leader_states)
+    fire_plan = plan(doc(subject))
+    firer.write([Fire(fire_plan, SLOT)])
+    firer.write(
+        [Fire(fire_plan, SLOT + timedelta(minutes=2), caught_up=True)],
+        [Skip(subject, 1, SLOT + timedelta(minutes=1), SLOT + timedelta(minutes=1), False, False)],
+    )
+    await append(history, publisher, "marker", {"n": "end"})
     await wait_stored(nc.jetstream(), history.stream, f"{history.prefix}.>", '{"n": "end"}')
-    # Read it straight from the stream (History.read is covered above).
-    stored = await nc.jetstream().get_last_msg(history.stream, f"{history.prefix}.{subject}")
-    record = json.loads(stored.data)
-    assert record["subject"] == subject
-    assert record["scheduled"] == rfc3339(SLOT)
-    assert record["instance"] == "inst-1" and record["epoch"] == 42
-    assert record["outcome"] == "fired" and record["error"] is None
-
-
-# --- the executor ---------------------------------------------------------------------------
-
-
-async def test_executor_skips_slots_past_grace_and_fires_the_rest(
-    nc: Client, publisher: Client, bucket: str
-) -> None:
-    subject = f"{bucket}.exec"
-    sub = await subscribe(nc, subject)
-    scheduler = AsyncIOScheduler(event_loop=asyncio.get_running_loop(), timezone=UTC)
-    events: list[JobEvent] = []
-    scheduler.add_listener(events.append, EVENT_ALL)
-    executor = FireExecutor(firer_for(publisher))
-    executor.start(scheduler, "nats")
-    job = make_job(doc(subject))  # misfire_grace_time=60
-    now = datetime.now(UTC).replace(microsecond=0)
-    stale, fresh = now - timedelta(minutes=5), now - timedelta(seconds=5)
-    executor.submit_job(job, [stale, fresh])
-    await executor.drain(timeout=5)
-    msg = await sub.next_msg(timeout=2)
-    assert msg.headers is not None and msg.headers["Nats-Cron-Scheduled"] == rfc3339(fresh)
-    assert [(e.code, e.scheduled_run_time) for e in events] == [
-        (EVENT_JOB_MISSED, stale),
-        (EVENT_JOB_EXECUTED, fresh),
-    ]
-    assert job.kwargs["state"]["run_count"] == 1
-    await publisher.publish(subject, b"marker")  # the stale slot was not published
-    assert (await sub.next_msg(timeout=2)).data == b"marker"
+    records = await history.read(subject, 10)
+    assert [r["outcome"] for r in records] == ["caught_up", "missed", "fired"]
+    assert records[2]["scheduled"] == rfc3339(SLOT) and records[2]["runs"] == 1
+    assert records[2]["instance"] == "inst-1" and records[2]["epoch"] == 42
+    assert records[0]["runs"] == 2 and records[1]["skipped"] == 1 and records[1]["runs"] == 1
+    # A follower rebuilds the same run state from the stream.
+    follower = RunStates(history)
+    await follower.follow(nc)
+    try:
+        assert await follower.catch_up(timeout=5)
+        mine, theirs = leader_states.get(subject), follower.get(subject)
+        assert theirs is not None and mine is not None
+        assert theirs.run_count == mine.run_count == 2
+        assert theirs.last_scheduled == mine.last_scheduled
+        assert theirs.last_outcome == mine.last_outcome == "caught_up"
+        # A record of skipped slots alone keeps the run state.
+        firer.write([], [Skip(subject, 2, SLOT, SLOT, False, True)])
+        # ...and follows new records live.
+        firer.write([Fire(fire_plan, SLOT + timedelta(minutes=3))])
+        for _ in range(100):
+            if follower.get(subject).last_outcome == "fired":  # type: ignore[union-attr]
+                break
+            await asyncio.sleep(0.02)
+        for _ in range(100):
+            if follower.get(subject).run_count == 3:  # type: ignore[union-attr]
+                break
+            await asyncio.sleep(0.02)
+        assert follower.get(subject).run_count == 3  # type: ignore[union-attr]
+    finally:
+        await follower.pause()

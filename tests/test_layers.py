@@ -24,24 +24,33 @@ CLI_NAMES = ("cli", "nats_cron_cli")  # the folder and the installed import pack
 # modules of one rank are siblings that do not import each other).
 RANK = {
     "errors": 0,
+    "protocol": 1,
     "durations": 1,
     "cron": 1,
     "_bridge": 1,
-    "_watch": 1,
-    "_kvwrite": 1,
+    "_gate": 1,
+    "_mirror": 1,
     "embedded": 1,
     "logs": 1,
     "observe": 1,
-    "confirm": 1,
+    "_watch": 2,
+    "_kvwrite": 2,
+    "_wire": 2,
     "settings": 2,
     "spec": 2,
+    "_writeback": 3,
     "codec": 3,
     "connection": 3,
+    "agenda": 3,
+    "history": 3,
     "election": 3,
-    "fire": 3,
     "client": 3,
+    "progress": 4,
+    "fire": 4,
     "store": 4,
+    "term": 5,
     "jobs": 5,
+    "scheduler": 6,
     "service": 6,
     "server": 7,
     "__init__": 8,  # the public API: re-exports only
@@ -50,28 +59,51 @@ RANK = {
 # What each module may import from the package ("__init__" is `import nats_apscheduler`).
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
+    "protocol": set(),  # protocol facts (nats-py's KV constants and our own)
     "durations": {"errors"},
     "cron": {"errors"},
     "_bridge": {"errors"},
-    "_watch": {"errors"},  # a KV watch that resumes; nats only
-    "_kvwrite": {"errors"},  # pipelined compare-and-set writes; nats only
+    "_gate": set(),  # waiting for a rising level: asyncio only
+    "_mirror": set(),  # the store's in-memory copy: APScheduler only, no I/O
     "embedded": {"errors"},
     "logs": {"errors"},
-    "confirm": {"errors"},  # publish confirmation: nats only
     "observe": {"errors"},  # metrics and health probes: fed by callables, imports no layer
+    "_watch": {"errors", "_gate", "protocol"},  # a stream watch that resumes; nats only
+    "_kvwrite": {"errors", "protocol"},  # pipelined compare-and-set writes; nats only
+    "_wire": {"errors"},  # protocol bytes straight to the socket
     "settings": {"errors", "durations"},
     "spec": {"errors", "durations", "cron"},
+    "_writeback": {"errors", "_gate", "_kvwrite"},
     "codec": {"errors", "durations", "cron", "spec"},
     "connection": {"errors", "settings"},
+    # The leader's schedule: triggers and marks, pure.
+    "agenda": {"errors", "durations", "cron", "spec"},
+    "history": {"errors", "_watch", "protocol"},
     # Knows nothing of APScheduler, jobs or firing.
-    "election": {"errors", "durations", "_watch"},
-    # What a fire does: needs the job document, not the store nor the election.
-    "fire": {"errors", "durations", "cron", "spec"},
-    "client": {"errors", "durations", "spec"},
-    "store": {"errors", "durations", "cron", "spec", "codec", "_bridge", "_watch", "_kvwrite"},
-    "jobs": {"errors", "durations", "cron", "spec", "store", "fire"},
+    "election": {"errors", "durations", "_watch", "protocol"},
+    "client": {"errors", "durations", "spec", "protocol"},
+    "progress": {"errors", "_wire", "agenda", "protocol"},
+    # What a fire is: needs the job document and the history, not the store nor the election.
+    "fire": {"errors", "durations", "cron", "spec", "_wire", "history", "protocol"},
+    "store": {
+        "errors",
+        "durations",
+        "cron",
+        "spec",
+        "codec",
+        "protocol",
+        "_bridge",
+        "_watch",
+        "_kvwrite",
+        "_mirror",
+        "_writeback",
+    },
+    # A leader's term: the agenda, the fires and the progress mark; the store through a port.
+    "term": {"errors", "agenda", "fire", "progress", "history", "spec"},
+    "jobs": {"errors", "durations", "cron", "spec", "store", "fire", "history", "agenda"},
+    "scheduler": {"term"},
     # The API talks to the jobs manager, never to the store (KV) directly.
-    "service": {"errors", "durations", "spec", "fire", "jobs"},
+    "service": {"errors", "durations", "spec", "fire", "jobs", "history", "protocol"},
     # The composition root; settings are read at the entry points and passed down.
     "server": {
         "errors",
@@ -79,10 +111,16 @@ ALLOWED: dict[str, set[str]] = {
         "settings",
         "spec",
         "connection",
-        "confirm",
+        "protocol",
+        "_wire",
+        "agenda",
         "store",
         "election",
         "fire",
+        "history",
+        "progress",
+        "term",
+        "scheduler",
         "jobs",
         "service",
         "observe",
@@ -106,11 +144,13 @@ ALLOWED: dict[str, set[str]] = {
         "service",
         "server",
         "observe",
+        "history",
+        "protocol",
     },
 }
 
 # Modules that must stay pure (no I/O): no NATS client library.
-PURE = {"errors", "durations", "cron", "settings", "spec", "codec"}
+PURE = {"errors", "durations", "cron", "settings", "spec", "codec", "agenda", "_mirror"}
 
 
 def package_modules() -> dict[str, Path]:
@@ -176,7 +216,7 @@ def test_the_table_only_points_down() -> None:
         for dep in allowed:
             assert RANK[dep] < RANK[module], f"table: {module} may not depend on {dep}"
     # The siblings the design names explicitly.
-    assert "store" not in ALLOWED["election"] | ALLOWED["fire"]
+    assert "store" not in ALLOWED["election"] | ALLOWED["fire"] | ALLOWED["term"]
     assert "fire" not in ALLOWED["election"] and "election" not in ALLOWED["fire"]
     assert "store" not in ALLOWED["service"]
     for module in ALLOWED:

@@ -1185,35 +1185,6 @@ def test_scheduler_restart_after_shutdown(stores: Stores) -> None:
     assert stores.fresh().lookup_job("after-restart") is not None
 
 
-async def test_held_job_is_not_written_until_released(nc: Client, bucket: str) -> None:
-    """An executor holds a job while its fire is in flight: its new state waits. A fire
-    updates its job twice (next run, then run state): one record is written, the last."""
-    store, scheduler, kv = await _open_shared(nc, bucket)
-    try:
-        store.add_job(make_job(scheduler, "H", DateTrigger(FAR), NOW))
-        await store.apersist("H")
-        before = (await kv.get("H")).revision
-        store.hold("H")
-        job = store.lookup_job("H")
-        assert job is not None
-        job._modify(next_run_time=FAR + timedelta(days=1))
-        store.update_job(job)
-        job._modify(name="recorded")
-        store.update_job(job)
-        assert store.lookup_job("H") is job  # the index is current at once
-        other = make_job(scheduler, "other", DateTrigger(FAR), NOW)
-        store.add_job(other)
-        await store.apersist("other")  # the writer ran, and skipped the held job
-        assert (await kv.get("H")).revision == before
-        store.release("H")
-        await store.apersist("H")
-        entry = await kv.get("H")
-        assert entry.revision == before + 2  # one write of H (and one of "other")
-        assert json.loads(entry.value)["name"] == "recorded"
-    finally:
-        await store.aclose()
-
-
 async def test_a_copy_replaced_twice_is_never_written_back(nc: Client, bucket: str) -> None:
     """An executor may hold a job object across two remote changes (a leader frozen
     mid-fire); writing that object back must not undo the newer versions."""
@@ -1254,31 +1225,6 @@ async def test_catch_up_waits_until_the_index_holds_what_kv_holds(nc: Client, bu
         assert {job.id for job in store.get_all_jobs()} >= {f"K{i}" for i in range(50)}
     finally:
         await other.aclose()
-        await store.aclose()
-
-
-async def test_remote_change_during_a_hold_wins_over_the_held_update(
-    nc: Client, bucket: str
-) -> None:
-    store, scheduler, kv = await _open_shared(nc, bucket)
-    try:
-        store.add_job(make_job(scheduler, "H", DateTrigger(FAR), NOW))
-        await store.apersist("H")
-        store.hold("H")
-        job = store.lookup_job("H")
-        assert job is not None
-        job._modify(name="local")
-        store.update_job(job)
-        remote = json.loads((await kv.get("H")).value)
-        remote.update(writer="intruder", name="remote")
-        revision = await kv.put("H", json.dumps(remote).encode())
-        assert await store.catch_up(timeout=5)
-        store.release("H")
-        await store.aflush()
-        assert (await kv.get("H")).revision == revision
-        current = store.lookup_job("H")
-        assert current is not None and current.name == "remote"
-    finally:
         await store.aclose()
 
 
@@ -1368,7 +1314,7 @@ async def test_add_after_remove_recreates_the_key(nc: Client, bucket: str) -> No
         await other.open()  # knows nothing of the marker's revision... until it loaded it
         try:
             other.start(BackgroundScheduler(timezone="UTC"), "default")
-            other._revisions.pop("again", None)  # as if the marker were never seen
+            other._mirror.revisions.pop("again", None)  # as if the marker were never seen
             other.add_job(make_job(scheduler, "again", DateTrigger(FAR), NOW, name="second"))
             await other.apersist("again")
         finally:

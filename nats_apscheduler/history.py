@@ -1,0 +1,195 @@
+"""Run history in a JetStream stream, and the run state of every job rebuilt from it.
+
+A history record is a JSON object per run outcome, published on
+`nats-cron.history.<stream>.<job subject>` (the stream name is part of the subject so that
+several deployments, or tests, on one server never overlap) and kept by a stream with a
+per-subject limit. Every record carries what is needed to rebuild a job's run state from it
+alone: a run's slot, actual time, outcome and error, and the job's run count so far; a
+record of slots that did not fire (`missed`) carries the last run's fields instead.
+
+`RunStates` holds that run state for every job: the leader writes it as it fires; the
+other instances follow the stream (the last record per job, then every new one), so that
+every instance answers `get` and `list` with it. A new leader catches the feed up before
+it fires, then pauses it: while leading, its own memory is the newest state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from loguru import logger
+from nats.aio.client import Client
+from nats.js.api import DiscardPolicy, StreamConfig
+from nats.js.kv import KeyValue
+
+from nats_apscheduler._watch import Feed
+from nats_apscheduler.protocol import HISTORY_PREFIX
+
+
+class History:
+    """The history stream of one deployment."""
+
+    def __init__(self, nc: Client, stream: str, depth: int, replicas: int = 1) -> None:
+        self._nc = nc
+        self._js = nc.jetstream()
+        self.stream = stream
+        self.depth = depth
+        self.replicas = replicas
+        self.prefix = f"{HISTORY_PREFIX}.{stream}"
+
+    def subject(self, job_subject: str) -> str:
+        return f"{self.prefix}.{job_subject}"
+
+    async def ensure(self) -> None:
+        config = StreamConfig(
+            name=self.stream,
+            subjects=[f"{self.prefix}.>"],
+            max_msgs_per_subject=self.depth,
+            discard=DiscardPolicy.OLD,
+            num_replicas=self.replicas,
+            allow_direct=True,
+        )
+        try:
+            await self._js.add_stream(config)
+        except nats.js.errors.BadRequestError:
+            await self._js.update_stream(config)
+
+    async def read(self, subject: str, limit: int) -> list[dict[str, Any]]:
+        """The most recent `limit` records of `subject`, newest first."""
+        sub = await self._js.subscribe(
+            self.subject(subject), stream=self.stream, ordered_consumer=True
+        )
+        records: list[dict[str, Any]] = []
+        try:
+            info = await sub.consumer_info()
+            # Some messages may already sit in our queue: count delivered plus pending.
+            delivered = info.delivered.consumer_seq if info.delivered else 0
+            for _ in range((delivered or 0) + (info.num_pending or 0)):
+                msg = await sub.next_msg(timeout=2)
+                try:
+                    records.append(json.loads(msg.data))
+                except ValueError:
+                    continue
+        finally:
+            await sub.unsubscribe()
+        records.reverse()
+        return records[:limit]
+
+    async def purge(self, subject: str) -> None:
+        """Forget every record of `subject` (its job was deleted)."""
+        await self._js.purge_stream(self.stream, subject=self.subject(subject))
+
+
+@dataclass(slots=True)
+class RunState:
+    last_scheduled: str | None = None
+    last_run: str | None = None
+    run_count: int = 0
+    last_error: str | None = None
+    last_outcome: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "last_scheduled": self.last_scheduled,
+            "last_run": self.last_run,
+            "run_count": self.run_count,
+            "last_error": self.last_error,
+            "last_outcome": self.last_outcome,
+        }
+
+
+#: Outcomes of a run that delivered (or tried to deliver) a message; others (`missed`)
+#: only report slots that were not fired.
+RUN_OUTCOMES = frozenset({"fired", "caught_up", "error"})
+
+
+class RunStates:
+    """Run state per job subject, from this leader's fires and the history stream."""
+
+    def __init__(self, history: History | None = None) -> None:
+        self._history = history
+        self._states: dict[str, RunState] = {}
+        self._feed: Feed | None = None
+        self._skipped = 0
+
+    def get(self, subject: str) -> RunState | None:
+        return self._states.get(subject)
+
+    def state(self, subject: str) -> RunState:
+        state = self._states.get(subject)
+        if state is None:
+            state = self._states[subject] = RunState()
+        return state
+
+    def drop(self, subject: str) -> None:
+        self._states.pop(subject, None)
+
+    def apply(self, record: dict[str, Any]) -> None:
+        """A history record, as another instance wrote it."""
+        subject = record.get("subject")
+        if not isinstance(subject, str):
+            return
+        state = self.state(subject)
+        outcome = record.get("outcome")
+        state.last_outcome = outcome if isinstance(outcome, str) else None
+        if outcome in RUN_OUTCOMES:
+            state.last_scheduled = record.get("scheduled")
+            state.last_run = record.get("actual")
+            state.last_error = record.get("error")
+        else:  # a record of slots not fired carries the run state as it stood
+            state.last_scheduled = record.get("last_scheduled")
+            state.last_run = record.get("last_run")
+            state.last_error = record.get("last_error")
+        runs = record.get("runs")
+        if isinstance(runs, int) and not isinstance(runs, bool):
+            state.run_count = runs
+
+    # --- following the stream -----------------------------------------------------------------
+
+    @property
+    def following(self) -> bool:
+        return self._feed is not None
+
+    async def follow(self, nc: Client) -> None:
+        """Follow the history stream (the last record per job, then every new one)."""
+        if self._feed is not None or self._history is None:
+            return
+        loaded = asyncio.get_running_loop().create_future()
+
+        def handle(entry: KeyValue.Entry | None) -> None:
+            if entry is None:
+                if not loaded.done():
+                    loaded.set_result(None)
+                return
+            try:
+                record = json.loads(entry.value or b"")
+            except ValueError:
+                self._skipped += 1
+                return
+            if isinstance(record, dict):
+                self.apply(record)
+
+        history = self._history
+        feed = self._feed = Feed(nc, history.stream, history.prefix + ".", handler=handle)
+        await feed.start()
+
+    async def catch_up(self, timeout: float) -> bool:
+        """Wait until the run state holds every record the stream holds now."""
+        if self._feed is None:
+            return True
+        return await self._feed.catch_up(timeout)
+
+    async def pause(self) -> None:
+        """Stop following (this instance leads: it knows the newest state itself). A later
+        `follow()` starts over from the last record per job."""
+        feed, self._feed = self._feed, None
+        if feed is not None:
+            try:
+                await feed.stop()
+            except (nats.errors.Error, OSError) as exc:  # pragma: no cover - best effort
+                logger.debug("stopping the history feed: {}", exc)

@@ -1,0 +1,274 @@
+"""`Term`: what a leader does while it holds the lease: work through due jobs in bounded
+slices, write each slice's fires at once, and keep the progress mark moving.
+
+A slice takes at most `slice_jobs` due jobs or `slice_seconds` of the loop, whichever comes
+first, then yields (the scheduler calls again on the next turn of the loop): a herd of
+100,000 jobs on one slot never blocks the lease refresh or the API for long, and its fires
+leave slice by slice while the rest is still being worked through.
+
+When a slice has worked through everything due at its `now`, the term has handled every
+slot up to `now` of every job in its copy of the bucket as of the jobs stream's sequence
+read at the slice's start: that is the next progress mark. A task writes the newest mark
+every `mark_interval` seconds (see `progress`); a stored mark also confirms the fires
+before it, and only then are one-shot jobs that fired (and jobs past their `end`) deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+from apscheduler.job import Job
+from loguru import logger
+
+from nats_apscheduler.agenda import Agenda, Entry, Mark, resolve
+from nats_apscheduler.errors import SpecError
+from nats_apscheduler.fire import Fire, Firer, Plans, Skip, rfc3339
+from nats_apscheduler.progress import MarkTakenOver, Progress
+
+SLICE_JOBS = 2000
+SLICE_SECONDS = 0.005
+MARK_INTERVAL = 0.2
+FENCED_RETRY = 0.1  # while fenced, the scheduler looks again this often (seconds)
+_CHECK_EVERY = 64  # jobs between looks at the slice's clock
+
+
+class JobSource(Protocol):
+    """What a term needs of the job store (a `JetStreamJobStore` is one)."""
+
+    def jobs(self) -> list[Job]: ...
+
+    def revision(self, job_id: str) -> int: ...
+
+    @property
+    def applied_seq(self) -> int: ...
+
+    def lookup_job(self, job_id: str) -> Job | None: ...
+
+    def remove_job(self, job_id: str) -> None: ...
+
+
+class Term:
+    def __init__(
+        self,
+        epoch: int,
+        instance_id: str,
+        store: JobSource,
+        firer: Firer,
+        progress: Progress,
+        fence: Callable[[], bool],
+        mark: Mark | None,
+        leading_since: datetime,
+        on_deposed: Callable[[str], None] = lambda reason: None,
+        slice_jobs: int = SLICE_JOBS,
+        slice_seconds: float = SLICE_SECONDS,
+        mark_interval: float = MARK_INTERVAL,
+    ) -> None:
+        self.epoch = epoch
+        self.instance_id = instance_id
+        self._store = store
+        self._firer = firer
+        self._progress = progress
+        self._fence = fence
+        self._on_deposed = on_deposed
+        self._since = leading_since
+        self._slice_jobs = slice_jobs
+        self._slice_seconds = slice_seconds
+        self._mark_interval = mark_interval
+        self.plans = Plans()
+        self.agenda = Agenda(delay=self.plans.delay)
+        self.agenda.build(store.jobs(), mark, store.revision)
+        self.processed: Mark | None = mark  #: newest (handled, applied) reached
+        self.stored: Mark | None = mark  #: newest mark known to be in KV
+        self._finished: list[tuple[datetime, Job]] = []  # jobs with no slot left
+        self._unconfirmed = 0  # fires written since the last stored mark was sent
+        self._dirty = asyncio.Event()
+        self._marker: asyncio.Task[None] | None = None
+        self._closed = False
+        self.slices = 0
+        self.longest_slice = 0.0  #: seconds, the longest the loop was held by one slice
+        firer.epoch = epoch
+
+    # --- the scheduler's side --------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._marker = asyncio.get_running_loop().create_task(
+            self._mark_loop(), name=f"progress-marks-{self.epoch}"
+        )
+
+    def process(self) -> float | None:
+        """One slice; returns seconds until the scheduler should call again (None: idle)."""
+        if self._closed:
+            return None
+        if not self._fence():
+            return FENCED_RETRY
+        began = time.perf_counter()
+        now = datetime.now(UTC)
+        now_ts = now.timestamp()
+        applied = self._store.applied_seq
+        fires: list[Fire] = []
+        skips: list[Skip] = []
+        finished: list[Job] = []
+        drained = False
+        budget = self._slice_jobs
+        deadline = began + self._slice_seconds
+        while True:
+            want = min(_CHECK_EVERY, budget)
+            batch = self.agenda.pop_due(now_ts, want)
+            for entry in batch:
+                self._work(entry, now, fires, skips, finished)
+            budget -= len(batch)
+            if len(batch) < want:
+                drained = True  # nothing else is due at `now`
+                break
+            if budget <= 0 or time.perf_counter() > deadline:
+                break
+        if fires or skips:
+            if not self._firer.write(fires, skips):
+                # Fenced (or disconnected) at the last moment: nothing went out, and this
+                # term never marks progress again, so the next term fires these slots.
+                self._closed = True
+                self._on_deposed("fenced while writing fires")
+                return None
+            self._unconfirmed += len(fires)
+        self._finished.extend((now, job) for job in finished)
+        if drained:
+            self.processed = Mark(now, applied)
+            self._dirty.set()
+        held = time.perf_counter() - began
+        self.slices += 1
+        if held > self.longest_slice:
+            self.longest_slice = held
+        if not drained:
+            return 0.0
+        at = self.agenda.next_at()
+        return None if at is None else max(0.0, at - time.time())
+
+    def _work(
+        self,
+        entry: Entry,
+        now: datetime,
+        fires: list[Fire],
+        skips: list[Skip],
+        finished: list[Job],
+    ) -> None:
+        job = entry.job
+        try:
+            plan = self.plans.of(job)
+        except SpecError as exc:
+            logger.bind(job_id=job.id).error("refusing to fire an invalid job document: {}", exc)
+            self.agenda.advance(entry, None)
+            return
+        grace = job.misfire_grace_time
+        slots = resolve(
+            job.trigger,
+            entry.slot,
+            now,
+            None if grace is None else timedelta(seconds=grace),
+            entry.floor,
+            plan.delay if plan.jitter else None,
+            plan.jitter,
+        )
+        if slots.skipped:
+            assert slots.first_skipped is not None and slots.last_skipped is not None
+            skips.append(
+                Skip(
+                    plan.subject,
+                    slots.skipped,
+                    slots.first_skipped,
+                    slots.last_skipped,
+                    slots.more_skipped,
+                    past_grace=slots.fire is None,
+                )
+            )
+        if slots.fire is not None:
+            caught_up = slots.skipped > 0 or slots.fire < self._since
+            fires.append(Fire(plan, slots.fire, caught_up))
+        self.agenda.advance(entry, slots.following)
+        if slots.following is None:
+            finished.append(job)
+
+    def changed(self, job_id: str, job: Job | None) -> bool:
+        """A job's record changed (locally or in KV): True if its due time moved."""
+        if job is None:
+            self.plans.forget(job_id)
+        return self.agenda.changed(job_id, job)
+
+    def next_slot(self, job_id: str, now: datetime) -> datetime | None:
+        return self.agenda.next_slot(job_id, now)
+
+    # --- progress marks --------------------------------------------------------------------------
+
+    async def _mark_loop(self) -> None:
+        while not self._closed:
+            await self._dirty.wait()
+            self._dirty.clear()
+            with contextlib.suppress(MarkTakenOver):
+                if await self._write_mark():
+                    await asyncio.sleep(self._mark_interval)
+                    continue
+            if self._closed:
+                return
+            await asyncio.sleep(self._mark_interval)
+            self._dirty.set()  # not stored: try again
+
+    async def _write_mark(self) -> bool:
+        mark = self.processed
+        if mark is None or (self.stored is not None and mark == self.stored):
+            return True
+        sent_unconfirmed = self._unconfirmed
+        try:
+            ok = await self._progress.write(mark, self.epoch, self.instance_id, self._fence)
+        except MarkTakenOver as exc:
+            logger.bind(epoch=self.epoch).warning("another leader wrote the progress mark: {}", exc)
+            self._closed = True
+            self._on_deposed("the progress mark was taken over")
+            raise
+        if not ok:
+            return False
+        self.stored = mark
+        self._unconfirmed -= sent_unconfirmed
+        self._remove_finished(mark.handled)
+        return True
+
+    def _remove_finished(self, handled: datetime) -> None:
+        """Delete the jobs that have no slot left once a stored mark covers their last fire."""
+        keep: list[tuple[datetime, Job]] = []
+        for when, job in self._finished:
+            if when > handled:
+                keep.append((when, job))
+                continue
+            job_id: str = job.id
+            if self._store.lookup_job(job_id) is job:  # not changed meanwhile
+                with contextlib.suppress(LookupError):
+                    self._store.remove_job(job_id)
+        self._finished = keep
+
+    async def finish(self, timeout: float) -> bool:
+        """A clean end of the term (the lease is about to be released): store the newest
+        mark, so the next leader starts exactly where this one stopped."""
+        self._closed = True
+        if self._marker is not None:
+            self._marker.cancel()
+            await asyncio.gather(self._marker, return_exceptions=True)
+        try:
+            ok = await asyncio.wait_for(self._write_mark(), timeout)
+        except (TimeoutError, MarkTakenOver):
+            ok = False
+        if ok and self.stored is not None:
+            logger.bind(epoch=self.epoch).debug(
+                "final progress mark: handled up to {}", rfc3339(self.stored.handled)
+            )
+        return ok
+
+    def stop(self) -> int:
+        """The term ended without a clean release; returns the fires not known to have
+        reached the server (the next leader fires them again)."""
+        self._closed = True
+        if self._marker is not None:
+            self._marker.cancel()
+        return max(0, self._unconfirmed)

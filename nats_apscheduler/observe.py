@@ -11,6 +11,7 @@ probes fail, which is what an orchestrator should see.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import Callable, Iterator
@@ -36,6 +37,7 @@ class State:
     connected: Callable[[], bool]
     ready: Callable[[], bool]
     loop_lag: Callable[[], float] = lambda: 0.0
+    loop_lag_recent: Callable[[], float] = lambda: 0.0
 
 
 class _StateCollector(Collector):
@@ -59,6 +61,11 @@ class _StateCollector(Collector):
             "nats_cron_loop_lag_max_seconds",
             "Longest delay of the event loop seen since start (a stall blocks fires and lease)",
             s.loop_lag(),
+        )
+        yield GaugeMetricFamily(
+            "nats_cron_loop_lag_recent_seconds",
+            "Longest delay of the event loop in the last 30 seconds",
+            s.loop_lag_recent(),
         )
 
 
@@ -134,12 +141,20 @@ class Metrics:
 
 
 class LoopMonitor:
-    """Measures how late the event loop runs a timer: the longest stall since start."""
+    """Measures how late the event loop runs a timer: the longest stall since start, and
+    the longest of the last `window` seconds."""
 
-    def __init__(self, period: float = 0.05) -> None:
+    def __init__(self, period: float = 0.05, window: float = 30.0) -> None:
         self.period = period
+        self.window = window
         self.longest = 0.0
+        self._recent: collections.deque[tuple[float, float]] = collections.deque()
         self._task: asyncio.Task[None] | None = None
+
+    def recent(self) -> float:
+        """The longest stall of the last `window` seconds."""
+        horizon = time.monotonic() - self.window
+        return max((lag for at, lag in self._recent if at >= horizon), default=0.0)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="loop-monitor")
@@ -156,6 +171,11 @@ class LoopMonitor:
             lag = time.perf_counter() - before - self.period
             if lag > self.longest:
                 self.longest = lag
+            if lag > 0.002:  # keep the notable ones only
+                now = time.monotonic()
+                self._recent.append((now, lag))
+                while self._recent and self._recent[0][0] < now - self.window:
+                    self._recent.popleft()
 
 
 class HttpEndpoint:

@@ -142,6 +142,7 @@ class NatsCron:
                 connected=lambda: nc.is_connected,
                 ready=self._ready,
                 loop_lag=lambda: self.loop_monitor.longest,
+                loop_lag_recent=self.loop_monitor.recent,
             )
         )
         self.progress = Progress(nc, s.leader_bucket, self.wire)

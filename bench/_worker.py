@@ -381,8 +381,9 @@ async def echo(cfg: dict[str, Any]) -> dict[str, Any]:
 async def cron(cfg: dict[str, Any]) -> dict[str, Any]:
     """A NatsCron instance in this process, cProfiled while it fires `count` jobs every 1 s.
 
-    Reports the functions that dominate and, per fire, how often the key ones ran (calls
-    of Firer._fire are the fires), so that "what happens per fire" is counted, not guessed.
+    Reports the functions that dominate and, per fire, how often the key ones ran (the fires
+    are the firer's own count of fires written), so that "what happens per fire" is
+    counted, not guessed.
     """
     from _common import spread_docs  # type: ignore[import-not-found]
 
@@ -408,12 +409,14 @@ async def cron(cfg: dict[str, Any]) -> dict[str, Any]:
     await asyncio.sleep(cfg["warmup"])
     js = nc.jetstream()
 
-    async def seqs() -> tuple[int, int]:
+    async def seqs() -> tuple[int, int, int]:
         kv = await js.stream_info(f"KV_{settings.jobs_bucket}")
         hist = await js.stream_info(settings.history_stream)
-        return int(kv.state.last_seq), int(hist.state.last_seq)
+        lead = await js.stream_info(f"KV_{settings.leader_bucket}")
+        return int(kv.state.last_seq), int(hist.state.last_seq), int(lead.state.last_seq)
 
-    kv0, h0 = await seqs()
+    kv0, h0, l0 = await seqs()
+    written0 = instance.firer.written
     st0 = dict(nc.stats)
     profile = cProfile.Profile()
     c0, m0 = rusage_cpu(), time.monotonic()
@@ -422,8 +425,9 @@ async def cron(cfg: dict[str, Any]) -> dict[str, Any]:
     profile.disable()
     cpu = (rusage_cpu() - c0) / (time.monotonic() - m0)
     st1 = dict(nc.stats)
-    kv1, h1 = await seqs()
-    kv_writes, history = kv1 - kv0, h1 - h0
+    fires = instance.firer.written - written0
+    kv1, h1, l1 = await seqs()
+    kv_writes, history, leader_writes = kv1 - kv0, h1 - h0, l1 - l0
     sent_msgs, recv_msgs = st1["out_msgs"] - st0["out_msgs"], st1["in_msgs"] - st0["in_msgs"]
     sent_bytes = st1["out_bytes"] - st0["out_bytes"]
     recv_bytes = st1["in_bytes"] - st0["in_bytes"]
@@ -434,31 +438,30 @@ async def cron(cfg: dict[str, Any]) -> dict[str, Any]:
     # coroutine as a call, so async functions are left out; the NATS message and KV
     # write counts below come from the connection's and the stream's own counters).
     watched = {
-        ("fire.py", "_record"): "fires (Firer._record)",
+        ("term.py", "process"): "slices (Term.process)",
+        ("fire.py", "write"): "slices written (Firer.write)",
+        ("agenda.py", "resolve"): "slot resolutions",
         ("codec.py", "encode_job"): "encode_job: whole record to JSON",
         ("store.py", "update_job"): "JetStreamJobStore.update_job",
-        ("memory.py", "update_job"): "MemoryJobStore.update_job (index re-sort)",
-        ("memory.py", "_get_job_index"): "MemoryJobStore._get_job_index (bisection)",
         ("store.py", "_on_entry"): "JetStreamJobStore._on_entry (watch entry)",
-        ("store.py", "_is_own"): "_is_own (echo of our own write)",
         ("encoder.py", "iterencode"): "json encodes",
         ("fire.py", "rfc3339"): "rfc3339",
+        ("fire.py", "ulid"): "ulid bodies",
         ("~", "<method 'isoformat' of 'datetime.datetime' objects>"): "datetime.isoformat",
         ("_logger.py", "bind"): "loguru Logger.bind",
+        ("_logger.py", "_log"): "loguru records (emitted or not)",
         ("observe.py", "on_fire"): "Metrics.on_fire",
-        ("spec.py", "payload"): "JobSpec.payload (ULID)",
         ("base_events.py", "create_task"): "loop.create_task",
-        ("transport.py", "writelines"): "TcpTransport.writelines",
         ("~", "<method 'send' of '_socket.socket' objects>"): "socket send syscalls",
+        ("~", "<method 'recv' of '_socket.socket' objects>"): "socket recv syscalls",
         ("msg.py", "_from_reply"): "JetStream reply-subject metadata parses",
-        ("base.py", "_process_jobs"): "scheduler wake-ups (_process_jobs)",
+        ("asyncio.py", "wakeup"): "scheduler wake-ups",
     }
     counts: dict[str, int] = {}
     for (path, _line, func), (_cc, calls, *_rest) in stats.stats.items():  # type: ignore[attr-defined]
         label = watched.get((Path(path).name, func))
         if label is not None:
             counts[label] = counts.get(label, 0) + calls
-    fires = counts.get("fires (Firer._record)", 0)
     per_fire = {
         label: round(calls / max(1, fires), 3)
         for label, calls in sorted(counts.items(), key=lambda kv: -kv[1])
@@ -475,6 +478,7 @@ async def cron(cfg: dict[str, Any]) -> dict[str, Any]:
             "bytes_sent": round(sent_bytes / max(1, fires), 1),
             "bytes_received": round(recv_bytes / max(1, fires), 1),
             "kv_writes": round(kv_writes / max(1, fires), 3),
+            "progress_mark_writes": round(leader_writes / max(1, fires), 4),
             "history_records": round(history / max(1, fires), 3),
         },
         "calls_per_fire": per_fire,

@@ -9,6 +9,7 @@ event per job, no store write per fire.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -29,3 +30,31 @@ class BatchScheduler(AsyncIOScheduler):  # type: ignore[misc]
         if self.state == STATE_PAUSED or term is None:
             return None
         return term.process()
+
+    # APScheduler's timer calls `wakeup`, which goes through `call_soon_threadsafe` (a
+    # self-pipe write and read, and an extra turn of the loop, per wake). On the loop's own
+    # thread a plain timer does: at 1,000 wakes a second that was 2 syscalls per fire.
+
+    def _start_timer(self, wait_seconds: float | None) -> None:
+        self._stop_timer()
+        if wait_seconds is not None:
+            loop = self._eventloop
+            if wait_seconds <= 0:
+                self._timeout = loop.call_soon(self._tick)  # the next slice, after I/O
+            else:
+                self._timeout = loop.call_later(wait_seconds, self._tick)
+
+    def _tick(self) -> None:
+        self._timeout = None
+        self._start_timer(self._process_jobs())
+
+    def wakeup(self) -> None:
+        loop = self._eventloop
+        try:
+            here = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            here = False
+        if here:
+            self._start_timer(0)
+        else:
+            super().wakeup()

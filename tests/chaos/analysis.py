@@ -34,15 +34,12 @@ Definitions (per job = per subject; a slot is one scheduled time, 1 s apart):
 - missed: gaps not followed by such a caught-up fire, plus lost jobs (a job that never
   fired, or whose slots stop before the cut-off: a trailing gap).
 - caught up: gaps followed by a caught-up fire.
-- duplicated (core): slots one core subscriber received more than once. This is allowed:
-  a leader that dies or freezes (or is cut off) after publishing a slot but before the
-  job's new run state reaches KV leaves the slot due in KV, and the next leader fires it
-  again with the same `Nats-Msg-Id` (README "Guarantees": at least once per slot).
-  nats-py also buffers publishes while it reconnects and sends them afterwards, so a
-  cut-off leader's last fires can reach subscribers late. Counted apart: slots fired
-  twice within ONE leader term (same epoch), which that explanation does not cover (a
-  leader whose run-state write loses a compare-and-set race reloads the job and fires
-  the slot again); reported, not asserted, like every core duplicate.
+- duplicated (core): slots one core subscriber received more than once. This is allowed
+  across terms: a leader that dies or freezes (or is cut off) after firing a slot but
+  before its next progress mark is stored (at most ~200 ms of fires) leaves that slot to
+  the next leader, which fires it again with the same `Nats-Msg-Id` (README "Guarantees":
+  at least once per slot). Counted apart: slots fired twice within ONE leader term (same
+  epoch), which nothing explains: a term fires each slot once. Must be 0.
 - duplicated (stream): slots (and `Nats-Msg-Id`s) stored more than once. Must be 0.
 - epoch order: within a job, a slot's epochs may never be lower than those of an earlier
   slot (a deposed leader must not fire after its successor): violations must be 0.
@@ -54,9 +51,10 @@ Definitions (per job = per subject; a slot is one scheduled time, 1 s apart):
   replies: `nats-cron.status` answers (asked before each fault) naming a leader older
   than the one whose fires arrive. Both informational.
 
-Pass bar (`Report.failures`): no slot stored twice in the stream, no lost job, every gap
-caught up, no phase or epoch-order violation, and no harness-level problem (an instance
-exiting by itself, an election stuck past its timeout, a frozen leader that never notices).
+Pass bar (`Report.failures`): no slot stored twice in the stream, no slot fired twice by
+one leader term, no lost job, every gap caught up, no phase or epoch-order violation, and
+no harness-level problem (an instance exiting by itself, an election stuck past its
+timeout, a frozen leader that never notices).
 """
 
 from __future__ import annotations
@@ -161,6 +159,8 @@ class Report:
         out = list(self.problems)
         if self.duplicated_stream or self.duplicated_stream_ids:
             out.append(f"{self.duplicated_stream} slots stored twice in the stream")
+        if self.duplicated_core_same_epoch:
+            out.append(f"{self.duplicated_core_same_epoch} slots fired twice by one leader term")
         if self.lost_jobs:
             out.append(f"{len(self.lost_jobs)} jobs lost: {self.lost_jobs[:5]}")
         if self.missed_gaps:
@@ -191,7 +191,7 @@ class Report:
             (
                 "duplicated (core)",
                 f"{self.duplicated_core}",
-                f"allowed; {self.duplicated_core_same_epoch} of them twice by one leader term",
+                f"allowed; {self.duplicated_core_same_epoch} of them twice by one term (must be 0)",
             ),
             ("duplicated (stream)", f"{self.duplicated_stream}", "must be 0"),
             ("gaps", f"{self.gaps}", f"{self.skipped_slots} slots skipped by design"),

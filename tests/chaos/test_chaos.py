@@ -83,3 +83,13 @@ def test_analysis_counts_duplicates_phase_and_epoch_order() -> None:
     assert report.duplicated_core == 1 and report.duplicated_stream == 1
     assert report.epoch_order_violations == 1
     assert report.phase_violations == 1
+
+
+def test_a_slot_fired_twice_by_one_term_fails_the_run() -> None:
+    core = _fires("job0", [0, 1000, 2000], 1) + _fires("job0", [1000], 1, late=0.05)
+    stream = [Seen(s.job, s.slot_ms, s.epoch, s.instance, s.at, "stream") for s in core[:3]]
+    report = Report("made-up", 1, 10)
+    analyse(report, ["job0"], core, stream, {}, 2000)
+    assert report.duplicated_core == 1 and report.duplicated_core_same_epoch == 1
+    assert report.duplicated_stream == 0
+    assert report.failures() == ["1 slots fired twice by one leader term"]

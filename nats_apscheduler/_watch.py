@@ -26,6 +26,7 @@ from nats.js import api
 from nats.js.kv import KeyValue
 
 from nats_apscheduler._gate import LevelGate
+from nats_apscheduler._tasks import cancel_and_wait
 from nats_apscheduler.protocol import KV_MARKER_REASON, KV_OP
 
 _MARKER_OPS = {"MaxAge": "PURGE", "Purge": "PURGE", "Remove": "DEL"}
@@ -79,11 +80,9 @@ class Feed:
         )
 
     async def stop(self) -> None:
-        for task in (self._guard, self._resuming):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        # A plain cancel can be lost while _resume() waits for a reply (see _tasks); it
+        # would then retry subscribing for as long as NATS is away.
+        await cancel_and_wait([self._guard, self._resuming])
         await self._unsubscribe()
 
     def __aiter__(self) -> Feed:
@@ -133,7 +132,9 @@ class Feed:
     def resume(self) -> None:
         """Re-create the consumer from the sequence after the last entry delivered."""
         if self._resuming is None or self._resuming.done():
-            self._resuming = asyncio.get_running_loop().create_task(self._resume())
+            self._resuming = asyncio.get_running_loop().create_task(
+                self._resume(), name=f"kv-feed-resume-{self.bucket}"
+            )
 
     # --- internals ----------------------------------------------------------------------------
 
@@ -195,7 +196,11 @@ class Feed:
         self._sub = sub
         if not self._loaded:
             info = await sub.consumer_info()
-            if info.num_pending == 0 and sub.delivered == 0 and not self._loaded:
+            # Empty only if the server delivered nothing: its reply can overtake entries it
+            # delivered before answering (our own `sub.delivered` was still 0 then). Those
+            # arrive, the last with nothing pending, and mark the load done (_on_msg).
+            delivered = info.delivered.consumer_seq if info.delivered else 0
+            if info.num_pending == 0 and delivered == 0 and not self._loaded:
                 self._mark_loaded()
 
     def _on_msg(self, msg: Msg) -> None:

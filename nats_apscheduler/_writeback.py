@@ -23,6 +23,7 @@ from loguru import logger
 
 from nats_apscheduler._gate import LevelGate
 from nats_apscheduler._kvwrite import KVWrites, Outcome
+from nats_apscheduler._tasks import cancel_and_wait
 from nats_apscheduler.errors import StoreError, WriteConflict
 
 RETRY_MIN, RETRY_MAX = 0.05, 2.0  # seconds between retries while NATS is away
@@ -139,8 +140,7 @@ class WriteBack:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait([self._task])  # a plain cancel can be lost (see _tasks)
             self._task = None
         error = StoreError("the job store closed before the change was written")
         self._flushed.fail_all(error)

@@ -169,16 +169,30 @@ class Mark:
 
 
 class Entry:
-    """One job on the agenda."""
+    """One job on the agenda. `job` is None until the job's record is decoded (a new term
+    builds its agenda from undecoded records; the term decodes a job when it is due)."""
 
-    __slots__ = ("at", "floor", "job", "origin", "slot")
+    __slots__ = ("at", "floor", "job", "job_id", "origin", "slot")
 
-    def __init__(self, job: Job, slot: datetime, at: float, floor: datetime | None) -> None:
+    def __init__(
+        self,
+        job_id: str,
+        job: Job | None,
+        origin: datetime,
+        slot: datetime,
+        at: float,
+        floor: datetime | None,
+    ) -> None:
+        self.job_id = job_id
         self.job = job
-        self.origin = job.next_run_time  # the record's own next run time
+        self.origin = origin  # the record's own next run time
         self.slot = slot  # the next slot to fire (or, with `floor`, where to start looking)
         self.at = at  # unix time it is due
         self.floor = floor
+
+
+#: (job id, the record's next run time, the job if decoded): what a new term starts from.
+Record = tuple[str, datetime | None, Job | None]
 
 
 class Agenda:
@@ -194,21 +208,21 @@ class Agenda:
     # --- building and following the store --------------------------------------------------
 
     def build(
-        self, jobs: Iterable[Job], mark: Mark | None, revision_of: Callable[[str], int]
+        self, records: Iterable[Record], mark: Mark | None, revision_of: Callable[[str], int]
     ) -> None:
         """The agenda of a new term, from each job's record and the last progress mark."""
         self._entries.clear()
         items: list[tuple[float, int, Entry]] = []
-        for job in jobs:
-            origin = job.next_run_time
+        for job_id, origin, job in records:
             if origin is None:
                 continue  # paused
             floor = None
-            if mark is not None and revision_of(job.id) <= mark.applied and origin <= mark.handled:
+            if mark is not None and origin <= mark.handled and revision_of(job_id) <= mark.applied:
                 floor = mark.handled  # resolved when due: its origin is in the past
-            entry = Entry(job, origin, origin.timestamp() + self._delay_of(job, origin), floor)
-            self._entries[job.id] = entry
-            items.append((entry.at, next(self._n), entry))
+            at = origin.timestamp() + (self._delay_of(job, origin) if job is not None else 0.0)
+            entry = Entry(job_id, job, origin, origin, at, floor)
+            self._entries[job_id] = entry
+            items.append((at, next(self._n), entry))
         heapq.heapify(items)
         self._heap = items
 
@@ -219,6 +233,7 @@ class Agenda:
             return self._entries.pop(job_id, None) is not None
         if (
             old is not None
+            and old.job is not None
             and old.origin == job.next_run_time
             and same_trigger(old.job.trigger, job.trigger)
         ):
@@ -230,7 +245,8 @@ class Agenda:
         return True
 
     def put(self, job: Job, slot: datetime, floor: datetime | None = None) -> Entry:
-        entry = Entry(job, slot, slot.timestamp() + self._delay_of(job, slot), floor)
+        at = slot.timestamp() + self._delay_of(job, slot)
+        entry = Entry(job.id, job, job.next_run_time or slot, slot, at, floor)
         self._entries[job.id] = entry
         heapq.heappush(self._heap, (entry.at, next(self._n), entry))
         return entry
@@ -238,13 +254,15 @@ class Agenda:
     def advance(self, entry: Entry, slot: datetime | None) -> None:
         """Move a popped entry to its next slot (None: the job is finished)."""
         if slot is None:
-            if self._entries.get(entry.job.id) is entry:
-                del self._entries[entry.job.id]
+            if self._entries.get(entry.job_id) is entry:
+                del self._entries[entry.job_id]
             return
         entry.slot = slot
         entry.floor = None
-        entry.at = slot.timestamp() + self._delay_of(entry.job, slot)
-        if self._entries.get(entry.job.id) is entry:
+        entry.at = slot.timestamp() + (
+            self._delay_of(entry.job, slot) if entry.job is not None else 0.0
+        )
+        if self._entries.get(entry.job_id) is entry:
             heapq.heappush(self._heap, (entry.at, next(self._n), entry))
 
     def remove(self, job_id: str) -> None:
@@ -259,7 +277,7 @@ class Agenda:
         heap, entries = self._heap, self._entries
         while heap and len(out) < limit and heap[0][0] <= now:
             at, _, entry = heapq.heappop(heap)
-            if entries.get(entry.job.id) is entry and entry.at == at:
+            if entries.get(entry.job_id) is entry and entry.at == at:
                 out.append(entry)
         return out
 
@@ -268,7 +286,7 @@ class Agenda:
         heap, entries = self._heap, self._entries
         while heap:
             at, _, entry = heap[0]
-            if entries.get(entry.job.id) is entry and entry.at == at:
+            if entries.get(entry.job_id) is entry and entry.at == at:
                 return at
             heapq.heappop(heap)
         return None
@@ -279,6 +297,8 @@ class Agenda:
         if entry is None:
             return None
         if entry.floor is not None and entry.slot <= entry.floor:
+            if entry.job is None:
+                return None  # known once the job is decoded (when it is due)
             return after(entry.job.trigger, entry.floor)
         return entry.slot
 

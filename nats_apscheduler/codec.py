@@ -261,3 +261,25 @@ def build_job(record: dict[str, Any], func: Any) -> Job:
     if not isinstance(job.id, str):
         raise RecordError("malformed record (id is not a string)")
     return job
+
+
+_NEXT_RUN = b'"next_run_time":'
+
+
+def peek_next_run_time(raw: bytes) -> datetime | None:
+    """A record's `next_run_time`, read without decoding the record (ValueError if it has
+    none that `encode_job` could have written). The field is the last of its name: only the
+    trigger and the writer follow it, and neither has one."""
+    at = raw.rfind(_NEXT_RUN)
+    if at < 0 or not raw.startswith(b'{"v":1,'):
+        raise ValueError("not a record of this format")
+    at += len(_NEXT_RUN)
+    if raw.startswith(b"null", at):
+        return None
+    if raw[at : at + 1] != b'"':
+        raise ValueError("next_run_time is not a string")
+    end = raw.index(b'"', at + 1)
+    value = datetime.fromisoformat(raw[at + 1 : end].decode("ascii"))
+    if value.tzinfo is None:
+        raise ValueError("naive next_run_time")
+    return value

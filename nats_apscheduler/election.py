@@ -34,6 +34,7 @@ from loguru import logger
 from nats.aio.client import Client
 from nats.js.api import KeyValueConfig
 
+from nats_apscheduler._tasks import cancel_and_wait
 from nats_apscheduler._watch import KVFeed
 
 LEASE_KEY = "leader"
@@ -135,9 +136,7 @@ class Election:
         """Stop campaigning; with `release`, hand the lease over at once."""
         self._stopping = True
         self._changed.set()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)  # a plain cancel can be lost (see _tasks)
         self._tasks = []
         if self._feed is not None:
             await self._feed.stop()

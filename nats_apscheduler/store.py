@@ -55,10 +55,11 @@ from nats.js.kv import KeyValue
 
 from nats_apscheduler._bridge import LoopBridge
 from nats_apscheduler._kvwrite import KVWrites
-from nats_apscheduler._mirror import Mirror
+from nats_apscheduler._mirror import Mirror, Raw
+from nats_apscheduler._tasks import cancel_and_wait
 from nats_apscheduler._watch import KVFeed
 from nats_apscheduler._writeback import WriteBack
-from nats_apscheduler.codec import RecordEncoder, build_job, decode_record
+from nats_apscheduler.codec import RecordEncoder, build_job, decode_record, peek_next_run_time
 from nats_apscheduler.errors import RecordError, StoreError
 from nats_apscheduler.protocol import is_kv_delete
 
@@ -159,7 +160,7 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
         self._timeout = timeout
         self._bridge: LoopBridge | None = None
         self._lock = threading.RLock()
-        self._mirror = Mirror()
+        self._mirror = Mirror(self._decode)
         self._encoder = RecordEncoder()
         self._state = State.NEW
         self._parts: _Parts | None = None
@@ -194,8 +195,7 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
             kv = await js.create_key_value(config)
         with self._lock:  # a reopened store reloads everything from the watch
             self.writer_id = uuid.uuid4().hex  # ...including what it wrote itself before
-            self._mirror = Mirror()
-            self._mirror.begin_bulk()
+            self._mirror = Mirror(self._decode)
         try:
             await self._load(loop, kv)
         except BaseException:
@@ -271,8 +271,9 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
                 raise StoreError("await store.open() on the connection's loop before starting")
             self._bridge.call(self.open(), self._timeout + 5, "JetStreamJobStore.start()")
         with self._lock:
-            for job in self._mirror:
-                self._attach(job)
+            for _, _, job in self._mirror.records():
+                if job is not None:
+                    self._attach(job)
 
     def shutdown(self) -> None:
         """Stop watching and flush queued writes. Never deletes jobs (unlike MemoryJobStore)."""
@@ -306,9 +307,7 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
                 logger.warning(
                     "job store closed with {} unwritten changes", parts.writeback.unwritten()
                 )
-        for task in parts.tasks:
-            task.cancel()
-        await asyncio.gather(*parts.tasks, return_exceptions=True)
+        await cancel_and_wait(parts.tasks)  # a plain cancel can be lost (see _tasks)
         await parts.writeback.stop()
         if parts.feed is not None:
             await parts.feed.stop()
@@ -341,6 +340,17 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
         """Every job, in no particular order (cheaper than `get_all_jobs()`)."""
         with self._lock:
             return list(self._mirror)
+
+    def records(self) -> list[tuple[str, Any, Job | None]]:
+        """(id, next run time, the job if decoded) of every job, decoding nothing: how a new
+        leader builds its agenda without decoding 100,000 records first."""
+        with self._lock:
+            return list(self._mirror.records())
+
+    def raw(self, job_id: str) -> bytes | None:
+        """The record of a job not decoded yet (None once it is)."""
+        with self._lock:
+            return self._mirror.raw(job_id)
 
     def count(self) -> int:
         with self._lock:
@@ -532,10 +542,6 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
             return
         try:
             if entry is None:
-                with self._lock:
-                    self._mirror.end_bulk()
-                    for job in self._mirror:
-                        self._attach(job)
                 if not loaded.done():
                     loaded.set_result(None)
                 self._wakeup_scheduler()
@@ -564,6 +570,13 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
                 return False  # the echo of our own write
             if parts is not None:
                 parts.writeback.drop(job_id)  # local changes were based on an older version
+            if self._state is State.OPENING and not deleted and value is not None:
+                # The initial load: decoded when first needed (see `Mirror`).
+                try:
+                    self._mirror.replace(job_id, Raw(value, peek_next_run_time(value)))
+                    return True
+                except ValueError:
+                    pass  # decoded now, to be skipped with its reason
             job = self._apply(job_id, None if deleted else value)
         self._changed(job_id, job)
         return True
@@ -573,6 +586,15 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
         if value is None:
             self._mirror.replace(job_id, None)
             return None
+        result = self._decode(job_id, value)
+        if isinstance(result, str):
+            self._mirror.replace(job_id, None, skipped=result)
+            return None
+        self._mirror.replace(job_id, result)
+        return result
+
+    def _decode(self, job_id: str, value: bytes) -> Job | str:
+        """The job of a KV record, or why it is skipped (logged: it stays in KV, never run)."""
         try:
             record = decode_record(value)
             if record.get("id") != job_id:
@@ -580,13 +602,11 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
             func = self._resolver.resolve(str(record.get("func")))
             job = build_job(record, func)
         except RecordError as exc:
-            self._mirror.replace(job_id, None, skipped=str(exc))
             logger.bind(bucket=self.bucket, job_id=job_id).warning(
                 "skipping job record (kept in KV, never run): {}", exc
             )
-            return None
+            return str(exc)
         self._attach(job)
-        self._mirror.replace(job_id, job)
         return job
 
     def _attach(self, job: Job) -> None:

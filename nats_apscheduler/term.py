@@ -20,11 +20,12 @@ import contextlib
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from apscheduler.job import Job
 from loguru import logger
 
+from nats_apscheduler._tasks import cancel_and_wait
 from nats_apscheduler.agenda import Agenda, Entry, Mark, resolve
 from nats_apscheduler.errors import SpecError
 from nats_apscheduler.fire import Fire, Firer, Plans, Skip, rfc3339
@@ -40,7 +41,7 @@ _CHECK_EVERY = 64  # jobs between looks at the slice's clock
 class JobSource(Protocol):
     """What a term needs of the job store (a `JetStreamJobStore` is one)."""
 
-    def jobs(self) -> list[Job]: ...
+    def records(self) -> list[tuple[str, Any, Job | None]]: ...
 
     def revision(self, job_id: str) -> int: ...
 
@@ -81,7 +82,7 @@ class Term:
         self._mark_interval = mark_interval
         self.plans = Plans()
         self.agenda = Agenda(delay=self.plans.delay)
-        self.agenda.build(store.jobs(), mark, store.revision)
+        self.agenda.build(store.records(), mark, store.revision)
         self.processed: Mark | None = mark  #: newest (handled, applied) reached
         self.stored: Mark | None = mark  #: newest mark known to be in KV
         self._finished: list[tuple[datetime, Job]] = []  # jobs with no slot left
@@ -157,6 +158,15 @@ class Term:
         finished: list[Job],
     ) -> None:
         job = entry.job
+        if job is None:
+            job = entry.job = self._store.lookup_job(entry.job_id)  # decoded when due
+            if job is None:  # unreadable (skipped, and logged) or gone
+                self.agenda.advance(entry, None)
+                return
+            if entry.floor is None and self.plans.delay(job, entry.slot):
+                # Built without its jitter delay: due at the slot plus its delay.
+                self.agenda.advance(entry, entry.slot)
+                return
         try:
             plan = self.plans.of(job)
         except SpecError as exc:
@@ -252,9 +262,7 @@ class Term:
         """A clean end of the term (the lease is about to be released): store the newest
         mark, so the next leader starts exactly where this one stopped."""
         self._closed = True
-        if self._marker is not None:
-            self._marker.cancel()
-            await asyncio.gather(self._marker, return_exceptions=True)
+        await cancel_and_wait([self._marker])  # a plain cancel can be lost (see _tasks)
         try:
             ok = await asyncio.wait_for(self._write_mark(), timeout)
         except (TimeoutError, MarkTakenOver):

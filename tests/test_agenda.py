@@ -41,6 +41,10 @@ def job(job_id: str, trigger: Any, next_run: datetime | None) -> Job:
     )
 
 
+def records(*jobs: Job) -> list[tuple[str, datetime | None, Job | None]]:
+    return [(j.id, j.next_run_time, j) for j in jobs]
+
+
 def every(seconds: float, anchor: datetime = T0) -> EveryTrigger:
     return EveryTrigger(timedelta(seconds=seconds), anchor)
 
@@ -173,7 +177,7 @@ def test_build_applies_the_progress_mark() -> None:
         job("paused", every(1), None),
     ]
     agenda = Agenda()
-    agenda.build(jobs, mark, lambda job_id: revisions.get(job_id, 0))
+    agenda.build(records(*jobs), mark, lambda job_id: revisions.get(job_id, 0))
     assert "paused" not in agenda and len(agenda) == 3
     now = T0 + 6 * S
     assert agenda.next_slot("known", now) == T0 + 6 * S
@@ -183,19 +187,20 @@ def test_build_applies_the_progress_mark() -> None:
 
 def test_pop_due_in_order_and_advance() -> None:
     agenda = Agenda()
-    agenda.build([job(f"j{i}", every(10), T0 + i * S) for i in (3, 1, 2)], None, lambda _: 0)
+    jobs = [job(f"j{i}", every(10), T0 + i * S) for i in (3, 1, 2)]
+    agenda.build(records(*jobs), None, lambda _: 0)
     due = agenda.pop_due((T0 + 2 * S).timestamp(), 10)
-    assert [e.job.id for e in due] == ["j1", "j2"]
+    assert [e.job_id for e in due] == ["j1", "j2"]
     assert agenda.next_at() == (T0 + 3 * S).timestamp()
     for entry in due:
         agenda.advance(entry, entry.slot + 10 * S)
-    assert [e.job.id for e in agenda.pop_due((T0 + 20 * S).timestamp(), 10)] == ["j3", "j1", "j2"]
+    assert [e.job_id for e in agenda.pop_due((T0 + 20 * S).timestamp(), 10)] == ["j3", "j1", "j2"]
 
 
 def test_changes_of_a_record() -> None:
     trigger = every(1)
     agenda = Agenda()
-    agenda.build([job("a", trigger, T0)], None, lambda _: 0)
+    agenda.build(records(job("a", trigger, T0)), None, lambda _: 0)
     (entry,) = agenda.pop_due((T0 + 3 * S).timestamp(), 10)
     agenda.advance(entry, T0 + 4 * S)  # the leader fired up to slot 3
     # A payload edit: same trigger, same next run in the record: progress stands.
@@ -212,9 +217,17 @@ def test_changes_of_a_record() -> None:
     assert not agenda.changed("a", None)
 
 
+def test_an_undecoded_job_is_due_at_its_record_time() -> None:
+    agenda = Agenda()
+    agenda.build([("raw", T0 + S, None)], Mark(T0 + 5 * S, 10), lambda _: 1)
+    (entry,) = agenda.pop_due((T0 + S).timestamp(), 10)
+    assert entry.job is None and entry.floor == T0 + 5 * S  # resolved once decoded
+    assert agenda.next_slot("raw", T0) is None
+
+
 def test_stale_heap_items_are_skipped() -> None:
     agenda = Agenda()
-    agenda.build([job("a", every(1), T0)], None, lambda _: 0)
+    agenda.build(records(job("a", every(1), T0)), None, lambda _: 0)
     agenda.put(job("a", every(1), T0 + 5 * S), T0 + 5 * S)
     assert agenda.pop_due((T0 + S).timestamp(), 10) == []
     assert agenda.next_at() == (T0 + 5 * S).timestamp()

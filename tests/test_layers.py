@@ -29,6 +29,7 @@ RANK = {
     "cron": 1,
     "_bridge": 1,
     "_gate": 1,
+    "_tasks": 1,
     "_mirror": 1,
     "embedded": 1,
     "logs": 1,
@@ -64,23 +65,24 @@ ALLOWED: dict[str, set[str]] = {
     "cron": {"errors"},
     "_bridge": {"errors"},
     "_gate": set(),  # waiting for a rising level: asyncio only
+    "_tasks": set(),  # stopping tasks whose cancel can be lost: asyncio only
     "_mirror": set(),  # the store's in-memory copy: APScheduler only, no I/O
     "embedded": {"errors"},
     "logs": {"errors"},
     "observe": {"errors"},  # metrics and health probes: fed by callables, imports no layer
-    "_watch": {"errors", "_gate", "protocol"},  # a stream watch that resumes; nats only
+    "_watch": {"errors", "_gate", "_tasks", "protocol"},  # a stream watch that resumes; nats only
     "_kvwrite": {"errors", "protocol"},  # pipelined compare-and-set writes; nats only
     "_wire": {"errors"},  # protocol bytes straight to the socket
     "settings": {"errors", "durations"},
     "spec": {"errors", "durations", "cron"},
-    "_writeback": {"errors", "_gate", "_kvwrite"},
+    "_writeback": {"errors", "_gate", "_tasks", "_kvwrite"},
     "codec": {"errors", "durations", "cron", "spec"},
     "connection": {"errors", "settings"},
     # The leader's schedule: triggers and marks, pure.
     "agenda": {"errors", "durations", "cron", "spec"},
     "history": {"errors", "_watch", "protocol"},
     # Knows nothing of APScheduler, jobs or firing.
-    "election": {"errors", "durations", "_watch", "protocol"},
+    "election": {"errors", "durations", "_tasks", "_watch", "protocol"},
     "client": {"errors", "durations", "spec", "protocol"},
     "progress": {"errors", "_wire", "agenda", "protocol"},
     # What a fire is: needs the job document and the history, not the store nor the election.
@@ -93,13 +95,14 @@ ALLOWED: dict[str, set[str]] = {
         "codec",
         "protocol",
         "_bridge",
+        "_tasks",
         "_watch",
         "_kvwrite",
         "_mirror",
         "_writeback",
     },
     # A leader's term: the agenda, the fires and the progress mark; the store through a port.
-    "term": {"errors", "agenda", "fire", "progress", "history", "spec"},
+    "term": {"errors", "_tasks", "agenda", "fire", "progress", "history", "spec"},
     "jobs": {"errors", "durations", "cron", "spec", "store", "fire", "history", "agenda"},
     "scheduler": {"term"},
     # The API talks to the jobs manager, never to the store (KV) directly.

@@ -4,6 +4,7 @@ marks (their compare-and-set and what a new term derives from them), finished jo
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -269,3 +270,30 @@ async def test_a_mark_names_the_records_it_covers(rig: Rig) -> None:
     await eventually(lambda: len(got) == 2)
     assert sorted(m.subject for m in got) == [f"{rig.bucket}.first.0", f"{rig.bucket}.later.0"]
     await sub.unsubscribe()
+
+
+async def test_a_term_fires_jobs_it_loaded_without_decoding(rig: Rig) -> None:
+    """A new leader builds its agenda from undecoded records; each job is decoded when due
+    (a forged record is then skipped, never fired)."""
+    got, sub = await collect(rig.nc, f"{rig.bucket}.raw.>")
+    slot = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=2)
+    for i in range(3):
+        await rig.jobs.create(every(f"{rig.bucket}.raw.{i}", 60, slot))
+    kv = await rig.nc.jetstream().key_value(f"{rig.bucket}-jobs")
+    forged = json.loads((await kv.get(f"{rig.bucket}.raw.2")).value or b"")
+    forged["func"] = "os:system"  # off the allow-list
+    await kv.put(f"{rig.bucket}.raw.2", json.dumps(forged).encode())
+    fresh = JetStreamJobStore(bucket=f"{rig.bucket}-jobs", nc=rig.nc)
+    await fresh.open()
+    try:
+        assert fresh.raw(f"{rig.bucket}.raw.0") is not None  # loaded, not decoded
+        rig.store = fresh
+        term = rig.term(None)
+        await asyncio.sleep(max(0.0, (slot - datetime.now(UTC)).total_seconds()) + 0.01)
+        await run_until_idle(term)
+        await eventually(lambda: len(got) == 2)
+        assert sorted(m.subject for m in got) == [f"{rig.bucket}.raw.0", f"{rig.bucket}.raw.1"]
+        assert list(fresh.skipped_records()) == [f"{rig.bucket}.raw.2"]
+    finally:
+        await fresh.aclose()
+        await sub.unsubscribe()

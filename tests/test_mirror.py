@@ -86,7 +86,7 @@ def test_raw_records_are_decoded_when_first_needed() -> None:
 
 
 def test_an_unreadable_record_is_skipped_when_decoded() -> None:
-    mirror, decoder = loaded(job("a", T0))
+    mirror, _ = loaded(job("a", T0))
     mirror.replace("bad", Raw(b'{"v":1,"next_run_time":null}', None))
     assert mirror.lookup("bad") is None
     assert mirror.skipped == {"bad": "unreadable"} and "bad" not in mirror

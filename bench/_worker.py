@@ -12,6 +12,10 @@ Roles (the JSON's "role"):
   EVENT_JOB_SUBMITTED (paired in order: coalesce=True, max_instances=1, no grace limit, so
   each submission is exactly one call). Prints {"event": "window", ...} once the measuring
   window [w0, w1) (whole seconds, after the warm-up) is known, then the result.
+- burst: `count` jobs on one slot (`CronTrigger(second="*/20")`, AsyncIOScheduler +
+  MemoryJobStore), each run publishing one message with nats-cron's headers as
+  memory_publish does; prints {"event": "armed", "slot": ...} and runs until killed
+  (bench/burst.py observes the arrivals).
 - store_open: time `await JetStreamJobStore(bucket, nc).open()` (decode + index) and, with
   "cprofile": true, the top functions of that call.
 - raw_watch: the baseline of a load: a KV watch that receives every key of the bucket,
@@ -248,6 +252,61 @@ async def fire(cfg: dict[str, Any]) -> dict[str, Any]:
         result["kv_writes"] = kv1 - kv0
         result["kv_writes_per_fire"] = round((kv1 - kv0) / max(1, fires_in_window), 3)
     return result
+
+
+async def burst(cfg: dict[str, Any]) -> dict[str, Any]:
+    """`count` jobs on one cron slot: AsyncIOScheduler + MemoryJobStore, each job
+    `CronTrigger(second="*/<period>")` publishing one message with nats-cron's headers
+    (`tick_publish`). All jobs are added before the scheduler starts; once it runs, the
+    measured slot is the first that begins `margin` s later: printed as
+    {"event": "armed", "slot": ..., "pid": ...}. Runs until killed by the parent (which
+    reads CPU and RSS from /proc and the arrivals at its own subscriber).
+    """
+    global NC, PREFIX
+    from apscheduler.events import EVENT_JOB_SUBMITTED
+    from apscheduler.schedulers.asyncio import AsyncIOScheduler
+    from apscheduler.triggers.cron import CronTrigger
+
+    n: int = cfg["count"]
+    period: int = cfg.get("period", 20)
+    PREFIX = cfg["prefix"]
+    SUBMITTED.extend([] for _ in range(n))
+    STARTED.extend([] for _ in range(n))
+    PENDING.extend([] for _ in range(n))
+    NC = await nats.connect(cfg["url"], pending_size=256 * 1024 * 1024)
+    scheduler = AsyncIOScheduler(timezone=UTC)
+
+    def on_submitted(event: Any) -> None:
+        PENDING[int(event.job_id[1:])].extend(t.timestamp() for t in event.scheduled_run_times)
+
+    scheduler.add_listener(on_submitted, EVENT_JOB_SUBMITTED)
+    t0 = time.time()
+    trigger = CronTrigger(second=f"*/{period}", timezone=UTC)
+    for i in range(n):
+        # No grace limit (APScheduler's default of 1 s would skip the end of a large herd),
+        # one run at a time, missed runs coalesced: as the `fire` role.
+        scheduler.add_job(
+            tick_publish,
+            trigger,
+            args=[i],
+            id=f"j{i}",
+            coalesce=True,
+            misfire_grace_time=None,
+            max_instances=1,
+        )
+    scheduler.start()
+    ready = time.time()
+    slot = math.ceil((ready + cfg.get("margin", 3.0)) / period) * period
+    out(
+        {
+            "event": "armed",
+            "slot": slot,
+            "setup_s": round(ready - t0, 3),
+            "pid": os.getpid(),
+        }
+    )
+    await asyncio.Event().wait()  # until killed
+    return {}
 
 
 async def _kv_seq(store: Any, cfg: dict[str, Any]) -> int | None:
@@ -488,6 +547,7 @@ async def cron(cfg: dict[str, Any]) -> dict[str, Any]:
 
 ROLES = {
     "fire": fire,
+    "burst": burst,
     "store_open": store_open,
     "raw_watch": raw_watch,
     "echo": echo,

@@ -308,7 +308,8 @@ def herd_stats(records: list[tuple[str, int | None, float]], slot: int, count: i
 
 
 async def start_observer(server: LocalServer, subject: str, tag: str) -> RawSubscriber:
-    fd, path = tempfile.mkstemp(prefix=f"burst-{tag}-", suffix=".txt")
+    # In the server's temporary directory: removed with it, also on SIGTERM.
+    fd, path = tempfile.mkstemp(prefix=f"burst-{tag}-", suffix=".txt", dir=server.dir)
     os.close(fd)
     observer = RawSubscriber(
         server.url,

@@ -34,10 +34,10 @@ process under test from the slot to the end of the drain (service: the serve pro
 apscheduler: its child; nats_schedules: nats-server) and its RSS; for service also
 `lease_losses` (log lines "lost the lease..." from its start to the end of the herd;
 `lease_losses_during_setup`: those before the slot), `fenced_lines` (lines containing
-"fenced"), `loop_stall_s` (the gauge nats_cron_loop_lag_recent_seconds, the longest
-event-loop delay of the last 30 s, scraped right after the drain; `loop_stall_before_s`
-is the same 1.5 s before the slot: if the gauge did not grow, `loop_stall_is_herd` is
-false and the longest stall was earlier, typically while the jobs were created) and
+"fenced"), `loop_stall_s` (the longest event-loop delay during the herd: the service's
+histogram nats_cron_loop_lag_seconds, a sample every 50 ms, scraped 1.5 s before the slot
+and after the drain; the upper bound of the highest bucket that grew, so a bucket's
+bound, not an exact time) and
 `api_latency_ms` of `nats-cron.status` requests sent every 20 ms from 1 s before the
 slot to the end of the drain (did the API keep answering during the herd?).
 
@@ -201,9 +201,36 @@ class ApiProber:
         return result
 
 
-async def scrape_gauge(port: int, name: str, timeout: float = 10.0) -> float | None:
-    """One value of the service's /metrics (served on its own event loop: a stalled loop
-    answers late)."""
+async def scrape_buckets(port: int, name: str, timeout: float = 10.0) -> dict[float, float] | None:
+    """The cumulative buckets (`le` -> count) of one histogram of the service's /metrics."""
+    body = await _scrape(port, timeout)
+    if body is None:
+        return None
+    pattern = rb"^" + re.escape(name.encode()) + rb'_bucket\{le="([^"]+)"\} (\S+)$'
+    return {
+        float(le.decode()): float(count) for le, count in re.findall(pattern, body, re.MULTILINE)
+    }
+
+
+def stall_bound(before: dict[float, float] | None, after: dict[float, float] | None) -> Any:
+    """The upper bound of the highest histogram bucket whose (per-bucket) count grew."""
+    if not before or not after:
+        return None
+    bounds = sorted(after)
+    grew = None
+    for i, bound in enumerate(bounds):
+        below = bounds[i - 1] if i else None
+        now = after[bound] - (after[below] if below is not None else 0)
+        then = before.get(bound, 0) - (before.get(below, 0) if below is not None else 0)
+        if now > then:
+            grew = bound
+    if grew == float("inf"):
+        return 2 * bounds[-2]  # above the highest finite bound (reported as twice it)
+    return grew
+
+
+async def _scrape(port: int, timeout: float) -> bytes | None:
+    """The service's /metrics (served on its own event loop: a stalled loop answers late)."""
 
     async def get() -> bytes:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -214,11 +241,9 @@ async def scrape_gauge(port: int, name: str, timeout: float = 10.0) -> float | N
         return body
 
     try:
-        body = await asyncio.wait_for(get(), timeout)
+        return await asyncio.wait_for(get(), timeout)
     except (OSError, TimeoutError):
         return None
-    match = re.search(rb"^" + re.escape(name.encode()) + rb" (\S+)$", body, re.MULTILINE)
-    return round(float(match.group(1)), 4) if match else None
 
 
 async def measure_slot(
@@ -237,11 +262,10 @@ async def measure_slot(
     the API probe and the loop-stall gauge."""
     result: dict[str, Any] = {}
     await observer.expect(slot * 1000, count)
+    lags_before = None
     if metrics_port is not None:
         await sleep_until(slot - 1.5)
-        result["loop_stall_before_s"] = await scrape_gauge(
-            metrics_port, "nats_cron_loop_lag_recent_seconds"
-        )
+        lags_before = await scrape_buckets(metrics_port, "nats_cron_loop_lag_seconds")
     prober = None
     if nc is not None:
         await sleep_until(slot - 1.0)
@@ -256,13 +280,8 @@ async def measure_slot(
     if prober is not None:
         result["api_latency_ms"] = await prober.stop(slot)
     if metrics_port is not None:
-        stall = await scrape_gauge(metrics_port, "nats_cron_loop_lag_recent_seconds")
-        result["loop_stall_s"] = stall
-        # The gauge is the longest stall of the last 30 s: it belongs to the herd only if
-        # it grew since 1.5 s before the slot (else something earlier, e.g. the creation
-        # of the jobs, stalled longer, and the herd's own stall is not visible in it).
-        before = result.get("loop_stall_before_s")
-        result["loop_stall_is_herd"] = None if stall is None or before is None else stall > before
+        lags_after = await scrape_buckets(metrics_port, "nats_cron_loop_lag_seconds")
+        result["loop_stall_s"] = stall_bound(lags_before, lags_after)
     cpu = {
         name: None if c1[name] is None or c0[name] is None else round(c1[name] - c0[name], 2)
         for name in cpu_pids
@@ -590,7 +609,7 @@ MEDIAN_OF = (
     "rss_mb",
     "peak_rss_mb",
 )
-SERVICE_MEDIAN_OF = ("lease_losses", "fenced_lines", "loop_stall_s", "loop_stall_before_s")
+SERVICE_MEDIAN_OF = ("lease_losses", "fenced_lines", "loop_stall_s")
 
 
 def medians(rs: list[dict[str, Any]], mode: str) -> dict[str, Any]:

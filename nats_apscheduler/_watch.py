@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,7 @@ _MARKER_OPS = {"MaxAge": "PURGE", "Purge": "PURGE", "Remove": "DEL"}
 _RECONNECT_POLL = 0.1  # seconds between looks at the connection's reconnect counter
 _RETRY = 0.25  # seconds between attempts to re-create the consumer
 _CATCH_UP_RETRY = 0.05  # seconds between reads of the stream's state while it has no leader
+_TURN = 0.005  # seconds the callback may hold the loop before it yields
 
 
 class Feed:
@@ -71,6 +73,7 @@ class Feed:
         self.last_seq = 0  #: the stream sequence of the last entry delivered
         self.resumes = 0  #: how often the consumer was re-created
         self._delivered = LevelGate()
+        self._turn = time.perf_counter()  # when the callback last yielded to the loop
 
     async def start(self) -> None:
         self._reconnects = self._reconnect_count()
@@ -183,6 +186,12 @@ class Feed:
         async def on_msg(msg: Msg) -> None:
             if generation == self._generation:
                 self._on_msg(msg)
+                # nats-py hands a subscription's queued messages to its callback one after
+                # the other without yielding: a burst of 10,000 changes would hold the loop
+                # (the lease refresh, the fires) for the whole burst. Yield every 5 ms.
+                if time.perf_counter() - self._turn > _TURN:
+                    await asyncio.sleep(0)
+                    self._turn = time.perf_counter()
 
         sub = await self._js.subscribe(
             self._subject,

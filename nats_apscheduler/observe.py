@@ -30,6 +30,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 LATENESS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60)
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
 @dataclass
@@ -44,6 +45,7 @@ class State:
     ready: Callable[[], bool]
     loop_lag: Callable[[], float] = lambda: 0.0
     loop_lag_recent: Callable[[], float] = lambda: 0.0
+    loop_lags: Callable[[], tuple[list[int], float]] = lambda: ([0] * (len(LAG_BUCKETS) + 1), 0.0)
 
 
 class _StateCollector(Collector):
@@ -73,6 +75,23 @@ class _StateCollector(Collector):
             "Longest delay of the event loop in the last 30 seconds",
             s.loop_lag_recent(),
         )
+        counts, total = s.loop_lags()
+        yield HistogramMetricFamily(
+            "nats_cron_loop_lag_seconds",
+            "Delays of the event loop, measured every 50 ms",
+            buckets=_cumulative(LAG_BUCKETS, counts),
+            sum_value=total,
+        )
+
+
+def _cumulative(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, float]]:
+    """Prometheus histogram buckets (cumulative, `le` labels) from per-bucket counts."""
+    out: list[tuple[str, float]] = []
+    total = 0
+    for bound, count in zip([*bounds, math.inf], counts, strict=True):
+        total += count
+        out.append(("+Inf" if bound == math.inf else str(bound), total))
+    return out
 
 
 class _FireCounts(Collector):
@@ -110,14 +129,10 @@ class _FireCounts(Collector):
             for subject, count in sorted(counts.items()):
                 family.add_metric([subject], count)
             yield family
-        cumulative, total = [], 0
-        for bound, count in zip([*LATENESS_BUCKETS, math.inf], self.buckets, strict=True):
-            total += count
-            cumulative.append(("+Inf" if bound == math.inf else str(bound), total))
         yield HistogramMetricFamily(
             "nats_cron_fire_lateness_seconds",
             "Publish time minus scheduled time",
-            buckets=cumulative,
+            buckets=_cumulative(LATENESS_BUCKETS, self.buckets),
             sum_value=self.lateness_sum,
         )
 
@@ -171,6 +186,8 @@ class LoopMonitor:
         self.period = period
         self.window = window
         self.longest = 0.0
+        self.counts = [0] * (len(LAG_BUCKETS) + 1)  # per bucket of LAG_BUCKETS, then +Inf
+        self.total = 0.0
         self._recent: collections.deque[tuple[float, float]] = collections.deque()
         self._task: asyncio.Task[None] | None = None
 
@@ -191,7 +208,9 @@ class LoopMonitor:
         while True:
             before = time.perf_counter()
             await asyncio.sleep(self.period)
-            lag = time.perf_counter() - before - self.period
+            lag = max(0.0, time.perf_counter() - before - self.period)
+            self.counts[bisect.bisect_left(LAG_BUCKETS, lag)] += 1
+            self.total += lag
             if lag > self.longest:
                 self.longest = lag
             if lag > 0.002:  # keep the notable ones only

@@ -54,7 +54,9 @@ class BatchScheduler(AsyncIOScheduler):  # type: ignore[misc]
             here = asyncio.get_running_loop() is loop
         except RuntimeError:
             here = False
-        if here:
-            self._start_timer(0)
-        else:
+        if not here:
             super().wakeup()
+        elif not isinstance(self._timeout, asyncio.Handle) or isinstance(
+            self._timeout, asyncio.TimerHandle
+        ):
+            self._start_timer(0)  # (a burst of changes wakes it once, not once per change)

@@ -143,6 +143,7 @@ class NatsCron:
                 ready=self._ready,
                 loop_lag=lambda: self.loop_monitor.longest,
                 loop_lag_recent=self.loop_monitor.recent,
+                loop_lags=lambda: (self.loop_monitor.counts, self.loop_monitor.total),
             )
         )
         self.progress = Progress(nc, s.leader_bucket, self.wire)

@@ -247,7 +247,7 @@ class HttpEndpoint:
                 pass  # headers are not needed
             parts = request.decode("latin-1").split()
             path = parts[1].split("?")[0] if len(parts) >= 2 else ""
-            status, body, kind = self._route(path)
+            status, body, kind = await self._route(path)
             head = (
                 f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
@@ -261,11 +261,15 @@ class HttpEndpoint:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    def _route(self, path: str) -> tuple[str, bytes, str]:
+    async def _route(self, path: str) -> tuple[str, bytes, str]:
         state = self._metrics.state
         text = "text/plain; charset=utf-8"
         if path == "/metrics":
-            return "200 OK", self._metrics.exposition(), "text/plain; version=0.0.4; charset=utf-8"
+            # Off the loop: with 30,000 jobs an exposition takes ~0.3 s of Python, which on
+            # the loop would hold the fires and the lease refresh (a thread shares the GIL,
+            # but gives it back to the loop every 5 ms). Collectors read dicts atomically.
+            body = await asyncio.to_thread(self._metrics.exposition)
+            return "200 OK", body, "text/plain; version=0.0.4; charset=utf-8"
         if path == "/healthz":
             if state.connected():
                 return "200 OK", b"ok\n", text

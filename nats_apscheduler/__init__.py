@@ -8,7 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from loguru import logger
 
-from nats_apscheduler.client import ApiError, CronClient, NoService
+from nats_apscheduler.client import ApiError, CronClient, Feed, NoService
 from nats_apscheduler.connection import connect
 from nats_apscheduler.cron import StandardCronTrigger, fire_times, parse_cron
 from nats_apscheduler.durations import format_duration, parse_duration
@@ -35,6 +35,7 @@ __all__ = [
     "CronClient",
     "EmbeddedNatsServer",
     "EveryTrigger",
+    "Feed",
     "JetStreamJobStore",
     "JobSpec",
     "NatsCron",

@@ -100,6 +100,11 @@ class History:
         # Fire-and-forget: history is informative and must not slow the fire path.
         await self._nc.publish(f"{self.prefix}.{subject}", json.dumps(record).encode())
 
+    async def purge(self, subject: str) -> None:
+        """Remove every record of `subject` (a job subject, or a NATS wildcard pattern of
+        job subjects), so that a job created again under it starts with no history."""
+        await self._js.purge_stream(self.stream, subject=f"{self.prefix}.{subject}")
+
     async def read(self, subject: str, limit: int) -> list[dict[str, Any]]:
         """The most recent `limit` records of `subject`, newest first."""
         filter_subject = f"{self.prefix}.{subject}"

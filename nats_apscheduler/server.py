@@ -172,6 +172,7 @@ class NatsCron:
             self.scheduler,
             self.store,
             Limits(min_interval=s.min_interval, max_payload=nc.max_payload, grace=s.grace),
+            history=self.history,
         )
         self.service = CronService(
             nc,

@@ -331,6 +331,12 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
         """True once the initial load is done and the watch and writer run."""
         return self._opened and all(not task.done() for task in self._tasks)
 
+    def revision(self, job_id: str) -> int:
+        """The KV revision of `job_id`'s last stored change this store knows of (0: none;
+        a write still queued is not counted until it lands)."""
+        with self._lock:
+            return self._revisions.get(job_id, 0)
+
     def skipped_records(self) -> dict[str, str]:
         """Job ids whose KV records were not loaded, with the reason."""
         with self._lock:

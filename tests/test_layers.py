@@ -24,6 +24,7 @@ CLI_NAMES = ("cli", "nats_cron_cli")  # the folder and the installed import pack
 # modules of one rank are siblings that do not import each other).
 RANK = {
     "errors": 0,
+    "protocol": 0,
     "durations": 1,
     "cron": 1,
     "_bridge": 1,
@@ -50,6 +51,8 @@ RANK = {
 # What each module may import from the package ("__init__" is `import nats_apscheduler`).
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
+    # Wire facts of the API (subjects, headers), shared by the service and its client.
+    "protocol": set(),
     "durations": {"errors"},
     "cron": {"errors"},
     "_bridge": {"errors"},
@@ -67,11 +70,11 @@ ALLOWED: dict[str, set[str]] = {
     "election": {"errors", "durations", "_watch"},
     # What a fire does: needs the job document, not the store nor the election.
     "fire": {"errors", "durations", "cron", "spec"},
-    "client": {"errors", "durations", "spec"},
+    "client": {"errors", "durations", "spec", "protocol"},
     "store": {"errors", "durations", "cron", "spec", "codec", "_bridge", "_watch", "_kvwrite"},
     "jobs": {"errors", "durations", "cron", "spec", "store", "fire"},
     # The API talks to the jobs manager, never to the store (KV) directly.
-    "service": {"errors", "durations", "spec", "fire", "jobs"},
+    "service": {"errors", "durations", "spec", "fire", "jobs", "protocol"},
     # The composition root; settings are read at the entry points and passed down.
     "server": {
         "errors",
@@ -90,6 +93,7 @@ ALLOWED: dict[str, set[str]] = {
     # The public API re-exports from public modules only.
     "__init__": {
         "errors",
+        "protocol",
         "durations",
         "cron",
         "embedded",
@@ -110,7 +114,7 @@ ALLOWED: dict[str, set[str]] = {
 }
 
 # Modules that must stay pure (no I/O): no NATS client library.
-PURE = {"errors", "durations", "cron", "settings", "spec", "codec"}
+PURE = {"errors", "protocol", "durations", "cron", "settings", "spec", "codec"}
 
 
 def package_modules() -> dict[str, Path]:

@@ -829,7 +829,7 @@ async def test_compose_stack_runs_on_loopback(tmp_path, processes, bucket):
             "payload": {"type": "json", "data": '{"from": "test_deploy"}'},
             "schedule": {"every": "1s"},
         }
-        assert await api.create(job) == {"status": "created"}
+        assert (await api.create(job))["status"] == "created"
         await recorder.wait(lambda fires: len(fires) >= 2, timeout=10)
     finally:
         await nc.close()

@@ -13,7 +13,13 @@ from nats_apscheduler.connection import connect
 from nats_apscheduler.cron import StandardCronTrigger, fire_times, parse_cron
 from nats_apscheduler.durations import format_duration, parse_duration
 from nats_apscheduler.embedded import EmbeddedNatsServer
-from nats_apscheduler.errors import NatsCronError, SpecError, StoreError, WriteConflict
+from nats_apscheduler.errors import (
+    DataDirInUse,
+    NatsCronError,
+    SpecError,
+    StoreError,
+    WriteConflict,
+)
 from nats_apscheduler.jobs import subject_matches
 from nats_apscheduler.logs import configure as configure_logging
 from nats_apscheduler.server import NatsCron
@@ -33,6 +39,7 @@ __all__ = [
     "ApiError",
     "Connection",
     "CronClient",
+    "DataDirInUse",
     "EmbeddedNatsServer",
     "EveryTrigger",
     "Feed",

@@ -145,6 +145,7 @@ def test_every_documented_command_is_registered() -> None:
     expected = {
         "serve", "list", "ls", "get", "create", "update", "add", "delete", "del", "status",
         "pause", "resume", "trigger", "history", "instances", "validate", "next",
+        "export", "apply",
     }  # fmt: skip
     assert set(ALL_COMMANDS) == expected
 
@@ -413,17 +414,26 @@ def test_update_from_args_and_file(cli: Cli, prefix: str, tmp_path: Path) -> Non
     assert get_job(cli, subject)["schedule"] == {"every": "4h"}
 
 
-def test_delete_subject_is_idempotent(cli: Cli, prefix: str) -> None:
+def test_delete_subject_and_a_missing_one(cli: Cli, prefix: str) -> None:
     cli.fast_ok("add", f"{prefix}.a", "1h")
     cli.fast_ok("add", f"{prefix}.b", "1h")
     assert cli.ok("delete", f"{prefix}.a").out.strip() == f"deleted {prefix}.a"
-    assert cli.ok("del", f"{prefix}.b").out.strip() == f"deleted {prefix}.b"
+    reply = cli.ok("del", f"{prefix}.b", "--json").json()
+    assert reply["status"] == "deleted" and reply["existed"] is True
     assert subjects(cli, prefix) == []
     cli.fails(3, "get", f"{prefix}.a", fast=True)
-    # deleting a job that does not exist succeeds, as in the Go API
-    cli.ok("delete", f"{prefix}.a")
-    cli.ok("del", f"{prefix}.never")
-    assert cli.ok("delete", f"{prefix}.never", "--json").json()["status"] == "deleted"
+    # a job that does not exist: nothing deleted, said so, exit 3 (never "deleted ...")
+    for command in ("delete", "del"):
+        missing = cli.fails(3, command, f"{prefix}.a")
+        assert "nothing deleted" in missing.err and f"{prefix}.a" in missing.err
+        assert missing.out == ""
+    json_missing = cli.fails(3, "delete", f"{prefix}.never", "--json")
+    assert json_missing.out == ""
+    # ...unless the script says that is fine
+    ignored = cli.ok("delete", f"{prefix}.never", "--ignore-not-found")
+    assert ignored.out == "" and "nothing deleted" in ignored.err
+    data = cli.ok("delete", f"{prefix}.never", "--ignore-not-found", "--json").json()
+    assert data["existed"] is False and data["subject"] == f"{prefix}.never"
 
 
 def test_delete_by_pattern_asks(cli: Cli, prefix: str) -> None:
@@ -433,24 +443,25 @@ def test_delete_by_pattern_asks(cli: Cli, prefix: str) -> None:
     cli.fast_ok("add", f"{prefix}.keep", "1h")
     pattern = f"{prefix}.r.>"
 
-    # no input at all: exit 2, nothing deleted
+    # no input at all: exit 2, nothing deleted; the question and the list go to stderr
     result = cli.fails(2, "delete", pattern, stdin_devnull=True)
     assert "--yes" in result.err
     for subject in mine:
-        assert subject in result.out
-    assert "3 job(s) match" in result.out
-    no_success_claim(result.out)
+        assert subject in result.err
+    assert "3 job(s) match" in result.err
+    assert result.out == ""
     assert subjects(cli, prefix) == sorted([*mine, f"{prefix}.keep"])
 
     # answering n: nothing deleted
     result = cli.ok("delete", pattern, input="n\n")
-    assert "Delete them?" in result.out and "nothing deleted" in result.out
+    assert "Delete them?" in result.err and "nothing deleted" in result.err
+    assert result.out == ""
     assert subjects(cli, prefix) == sorted([*mine, f"{prefix}.keep"])
 
     # `*` matches one token only
     result = cli.ok("delete", f"{prefix}.r.*", input="y\n")
-    assert "2 job(s) match" in result.out and f"{prefix}.r.deep.three" not in result.out
-    assert "deleted 2 job(s)" in result.out
+    assert "2 job(s) match" in result.err and f"{prefix}.r.deep.three" not in result.err
+    assert result.out.strip() == "deleted 2 job(s)"
     assert subjects(cli, prefix) == sorted([f"{prefix}.r.deep.three", f"{prefix}.keep"])
 
     # answering y
@@ -464,9 +475,9 @@ def test_delete_by_pattern_asks(cli: Cli, prefix: str) -> None:
     assert reply == {"count": 1, "deleted": [f"{prefix}.r.again"]}
     assert subjects(cli, prefix) == [f"{prefix}.keep"]
 
-    # nothing matches: nothing asked, exit 0
+    # nothing matches: nothing asked, exit 0 (as kubectl's "No resources found")
     result = cli.ok("delete", f"{prefix}.none.>", stdin_devnull=True)
-    assert "no job matches" in result.out
+    assert "no job matches" in result.err and result.out == ""
 
 
 def test_status_table_and_json(cli: Cli, service: Service) -> None:
@@ -500,7 +511,8 @@ def test_pause_and_resume(cli: Cli, prefix: str) -> None:
 def test_trigger_then_history(cli: Cli, prefix: str, service: Service) -> None:
     subject = f"{prefix}.beat"
     cli.fast_ok("add", subject, "1h")
-    assert cli.ok("history", subject).out.strip() == f"no runs of {subject} yet"
+    empty = cli.ok("history", subject)
+    assert empty.out == "" and empty.err.strip() == f"no runs of {subject} yet"
     assert cli.ok("history", subject, "--json").json()["runs"] == []
 
     out = cli.ok("trigger", subject).out
@@ -746,7 +758,7 @@ def test_permission_denied_exits_5(auth_service: Service, xdg: Path) -> None:
     reader = ["--user", "reader", "--password", "readerpw"]
 
     listed = cli.ok("list", *reader)
-    assert listed.out.strip() == "no jobs"
+    assert listed.out == "" and listed.err.strip() == "no jobs"
     assert cli.ok("status", "--json", *reader).json()["leader"]["instance_id"] == (
         auth_service.instance_id
     )

@@ -56,10 +56,13 @@ def relative(when: datetime | None, now: datetime | None = None) -> str:
     return f"in {text}" if future else f"{text} ago"
 
 
-def when(text: str | None) -> str:
+def when(text: str | None, short: bool = False) -> str:
+    """`in 4m 10s (2026-12-03 09:40:17Z)`; `short`: `in 4m 10s`."""
     moment = parse_time(text)
     if moment is None:
         return "-"
+    if short:
+        return relative(moment)
     return f"{relative(moment)} ({moment.astimezone(UTC).strftime('%Y-%m-%d %H:%M:%S')}Z)"
 
 
@@ -84,18 +87,21 @@ def jobs_table(jobs: list[dict[str, Any]]) -> Table:
     narrow terminal the other columns fold, and the last error is cut with an ellipsis."""
     table = Table(box=None, header_style="bold", pad_edge=False)
     widest = max((len(job.get("target", {}).get("subject", "?")) for job in jobs), default=7)
+    narrow = console.width < 160
     table.add_column("SUBJECT", no_wrap=True, min_width=max(widest, 7))
     for column in ("SCHEDULE", "NEXT RUN", "LAST RUN"):
         table.add_column(column, overflow="fold")
-    table.add_column("RUNS", no_wrap=True)
+    table.add_column("RUNS", no_wrap=True, justify="right")
     table.add_column("PAUSED", no_wrap=True)
-    table.add_column("LAST ERROR", overflow="ellipsis", no_wrap=True)
+    table.add_column(
+        "LAST ERROR", overflow="ellipsis", no_wrap=True, max_width=max(10, console.width // 5)
+    )
     for job in jobs:
         table.add_row(
             job.get("target", {}).get("subject", "?"),
             schedule_text(job),
-            when(job.get("next_run")),
-            when(job.get("last_run")),
+            when(job.get("next_run"), short=narrow),
+            when(job.get("last_run"), short=narrow),
             str(job.get("run_count", 0)),
             "yes" if job.get("paused") else "no",
             job.get("last_error") or "-",

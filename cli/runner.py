@@ -143,6 +143,8 @@ def call(net: Net, action: Callable[[CronClient], Coroutine[Any, Any, T]]) -> T:
         raise fail(str(exc), EXIT_USAGE) from None
     except NoService as exc:
         raise fail(str(exc), EXIT_UNAVAILABLE) from None
+    except nats.errors.ConnectionClosedError:
+        raise fail(f"lost the connection to {net.connection.safe_url}", EXIT_UNAVAILABLE) from None
     except _Closed as exc:
         raise fail(str(exc), EXIT_UNAVAILABLE) from None
     except _Unreachable as exc:
@@ -219,8 +221,8 @@ async def _call(net: Net, action: Callable[[CronClient], Coroutine[Any, Any, T]]
     # A long-running command (list --watch, history --follow) ends when the connection
     # does: nats-py's own reconnects are off here.
     closed = loop.create_task(lost.wait())
+    task: asyncio.Task[T] = loop.create_task(action(CronClient(nc, timeout=net.timeout)))
     try:
-        task: asyncio.Task[T] = loop.create_task(action(CronClient(nc, timeout=net.timeout)))
         racers: set[asyncio.Future[Any]] = {task, denied, closed}
         done, _ = await asyncio.wait(racers, return_when=asyncio.FIRST_COMPLETED)
         if task not in done:
@@ -232,5 +234,7 @@ async def _call(net: Net, action: Callable[[CronClient], Coroutine[Any, Any, T]]
         return task.result()
     finally:
         closed.cancel()
+        task.cancel()  # interrupted (Ctrl-C): the action ends with us
         with contextlib.suppress(OSError, nats.errors.Error):
             await nc.close()
+        await asyncio.gather(task, return_exceptions=True)  # its end, seen by nobody else

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
@@ -37,10 +38,12 @@ class NoService(NatsCronError):
 
 class Feed:
     """Live JSON events from a subscription, in arrival order, from the moment it was
-    made (`async for event in feed`); `close()` ends it. Undecodable messages are skipped."""
+    made (`async for event in feed`); `close()` ends it. Undecodable messages are skipped.
+    If the connection closes first, the iteration raises `ConnectionClosedError`."""
 
     def __init__(self, sub: Subscription) -> None:
         self._sub = sub
+        self._closed = False
 
     def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         return self._events()
@@ -53,8 +56,14 @@ class Feed:
                 continue
             if isinstance(event, dict):
                 yield event
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError  # nats-py ends the iteration when cancelled
+        if not self._closed:
+            raise nats.errors.ConnectionClosedError
 
     async def close(self) -> None:
+        self._closed = True
         with contextlib.suppress(nats.errors.Error):  # no connection: no subscription either
             await self._sub.unsubscribe()
 

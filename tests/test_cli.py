@@ -595,15 +595,27 @@ def test_readme_cli_examples_run_in_order(tmp_path: Path, xdg: Path) -> None:
         svc = start_service(own, "cli-readme")
         try:
             cli = Cli(cli_env(xdg, own.url))
+            work = tmp_path / "work"  # where `> jobs.json` and `-f jobs.json` are
+            work.mkdir()
             for line in examples:
                 argv = shlex.split(line)
                 assert argv[0] == "nats-cron"
-                result = cli(*argv[1:], stdin_devnull=True)  # python -m nats_cron_cli ...
+                redirect = None
+                if len(argv) > 2 and argv[-2] == ">":  # `nats-cron export > jobs.json`
+                    argv, redirect = argv[:-2], work / argv[-1]
+                result = cli(*argv[1:], stdin_devnull=True, cwd=work)  # python -m nats_cron_cli
                 assert result.code == 0, f"README example failed: {line}\n{result}"
                 assert "Traceback" not in result.err, str(result)
+                if redirect is not None:
+                    redirect.write_text(result.out)
             left = cli.ok("list", "--json").json()["jobs"]
             assert [j["target"]["subject"] for j in left] == ["database.cleanup"]
             assert left[0]["paused"] is False
+            # jobs as code and a partial update are among them
+            assert any(line.startswith("nats-cron export") for line in examples)
+            assert any(line.startswith("nats-cron apply -f") for line in examples)
+            assert any(line.startswith("nats-cron update ") and "-f" not in line.split()
+                       for line in examples)  # fmt: skip
         finally:
             svc.proc.stop()
     finally:

@@ -101,6 +101,7 @@ class Cli:
         env: dict[str, str] | None = None,
         timeout: float = 30,
         fast: bool = False,
+        cwd: Path | None = None,
     ) -> Result:
         if fast:
             return self.fast(*args, input=input)
@@ -113,6 +114,7 @@ class Cli:
             capture_output=True,
             text=True,
             timeout=timeout,
+            cwd=cwd,
         )
         result = Result(
             list(args), proc.returncode, proc.stdout, proc.stderr, time.monotonic() - start

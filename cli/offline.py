@@ -92,7 +92,7 @@ def next_times(
     """
     doc = build_document("preview", schedule, tz=tz)
     try:
-        spec = parse_job(doc, min_interval=timedelta(0))
+        spec = parse_job(doc, min_interval=timedelta(0), strict=True)
     except SpecError as exc:
         raise fail(str(exc), EXIT_USAGE) from None
     now = datetime.now(UTC)

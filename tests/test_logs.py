@@ -208,9 +208,10 @@ async def test_warnings_while_nats_is_down_are_rate_limited(tmp_path: Path) -> N
     server = EmbeddedNatsServer(tmp_path / "js").start()
     env = {**{var: "" for var in CREDENTIAL_VARS}, "NATS_URL": server.url}
     leader = ServeProcess("rl-a", {**env, "NATS_CRON_JOBS_BUCKET": "rl-jobs"})
-    follower = ServeProcess("rl-b", {**env, "NATS_CRON_JOBS_BUCKET": "rl-jobs"})
+    follower: ServeProcess | None = None
     try:
         await leader.await_log("won the lease", timeout=15)
+        follower = ServeProcess("rl-b", {**env, "NATS_CRON_JOBS_BUCKET": "rl-jobs"})
         await follower.await_log("nats-cron instance started", timeout=15)
         server.stop()
         await follower.await_log("NATS error: [Errno 111]", timeout=10)
@@ -219,8 +220,10 @@ async def test_warnings_while_nats_is_down_are_rate_limited(tmp_path: Path) -> N
         await follower.await_log("NATS connection restored", timeout=20)
     finally:
         leader.stop()
-        follower.stop()
+        if follower is not None:
+            follower.stop()
         server.stop()
+    assert follower is not None
     for proc in (leader, follower):
         refused = [r for r in proc.lines if "Connect call failed" in str(r.get("msg"))]
         assert 1 <= len(refused) <= 2, [r["msg"] for r in refused]

@@ -33,10 +33,14 @@ def selected_context(environ: Mapping[str, str]) -> str | None:
 def load_context(
     name: str, base: Connection, environ: Mapping[str, str] = os.environ
 ) -> Connection:
-    """`base` with the context's non-empty fields laid over it."""
-    if not name or "/" in name or "\\" in name or name.startswith("."):
+    """`base` with the context's non-empty fields laid over it. `name` is a context's
+    name, or the path of a context file ending in `.json` (as the `nats` CLI takes)."""
+    if name.endswith(".json") and Path(name).is_file():
+        path = Path(name)
+    elif not name or "/" in name or "\\" in name or name.startswith("."):
         raise ContextError(f"invalid context name {name!r}")
-    path = contexts_dir(environ) / f"{name}.json"
+    else:
+        path = contexts_dir(environ) / f"{name}.json"
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:

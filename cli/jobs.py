@@ -1,74 +1,81 @@
-"""Job commands: list, get, create, update, add, delete, pause, resume, trigger, history,
-status and instances. Each talks to the nats-cron API over NATS."""
+"""Job commands: list, get, create, update, add, delete, pause, resume and trigger. Each
+talks to the nats-cron API over NATS; every one that changes jobs takes `--dry-run`
+(the service validates, nothing is stored) and `--json`."""
 
 import json
+import signal
 import sys
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from nats_apscheduler import CronClient, subject_matches
+from nats_apscheduler import ApiError, CronClient
 
-from .output import console, jobs_table, key_values, print_json, relative
-from .runner import EXIT_UNAVAILABLE, EXIT_USAGE, Net, call, fail, networked
+from .output import console, jobs_table, notice, print_json, print_json_line, schedule_text
+from .runner import (
+    EXIT_CONFLICT,
+    EXIT_NOT_FOUND,
+    EXIT_USAGE,
+    Net,
+    call,
+    fail,
+    networked,
+)
+from .short import build_document, merge
 
 JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON (stable, for scripts).")]
+DryRun = Annotated[
+    bool,
+    typer.Option(
+        "--dry-run",
+        help="Let the service validate the change and say what it would do; store nothing.",
+    ),
+]
 Subject = Annotated[str, typer.Argument(help="The job's subject (its id).", show_default=False)]
+_PARTIAL_ATTEMPTS = 5
 
 
-def _is_pattern(subject: str) -> bool:
+def is_pattern(subject: str) -> bool:
     return any(token in ("*", ">") for token in subject.split("."))
 
 
-def _read_document(path: str) -> Any:
+def read_document(path: str) -> Any:
     try:
         text = sys.stdin.read() if path == "-" else Path(path).read_text()
     except OSError as exc:
         raise fail(f"cannot read {path}: {exc.strerror or exc}", EXIT_USAGE) from None
     try:
         return json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise fail(f"{path}: not valid JSON ({exc})", EXIT_USAGE) from None
 
 
-def build_document(
-    subject: str,
-    schedule: str,
-    payload: str | None = None,
-    payload_type: str | None = None,
-    tz: str | None = None,
-    jitter: str | None = None,
-    grace: str | None = None,
-    paused: bool = False,
-) -> dict[str, Any]:
-    """A job document from the short form: a schedule with spaces or a leading `@` is
-    cron, anything else a duration; a payload that parses as JSON is sent as JSON."""
-    sched: dict[str, Any] = {}
-    if " " in schedule.strip() or schedule.strip().startswith("@"):
-        sched["cron"] = schedule
+def done(verb: str, subject: str, reply: dict[str, Any], json_out: bool) -> None:
+    """Report a change that succeeded: `verb subject` (stdout), or the reply as JSON."""
+    if json_out:
+        print_json({"subject": subject, **reply})
     else:
-        sched["every"] = schedule
-    if tz:
-        sched["timezone"] = tz
-    if jitter:
-        sched["jitter"] = jitter
-    if grace:
-        sched["grace"] = grace
-    doc: dict[str, Any] = {"target": {"subject": subject}, "schedule": sched}
-    if payload is not None:
-        kind = payload_type
-        if kind is None:
-            try:
-                json.loads(payload)
-                kind = "json"
-            except ValueError:
-                kind = "text"
-        doc["payload"] = {"type": kind, "data": payload}
-    if paused:
-        doc["paused"] = True
-    return doc
+        typer.echo(f"{verb} {subject}" + (" (dry run)" if reply.get("dry_run") else ""))
+
+
+def ask(question: str) -> bool | None:
+    """A yes/no question on stderr (stdout stays the data); None without an answer."""
+    sys.stderr.write(f"{question} [y/N]: ")
+    sys.stderr.flush()
+    try:
+        line = sys.stdin.readline()
+    except (OSError, ValueError):  # no stdin at all
+        line = ""
+    if not line:
+        sys.stderr.write("\n")  # end the question's line
+        return None
+    return line.strip().lower() in ("y", "yes")
+
+
+def follow_until_interrupted() -> None:
+    """A live command ends on Ctrl-C or SIGTERM, quietly (exit 0)."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 Tz = Annotated[str | None, typer.Option("--tz", help="IANA time zone of a cron schedule.")]
@@ -77,27 +84,101 @@ PayloadType = Annotated[
 ]
 Jitter = Annotated[str | None, typer.Option(help="Random delay up to this duration, e.g. 30s.")]
 Grace = Annotated[str | None, typer.Option(help="How late a missed run may still fire, e.g. 10m.")]
-Paused = Annotated[bool, typer.Option("--paused", help="Create the job paused.")]
+ScheduleArg = Annotated[
+    str,
+    typer.Argument(
+        help="Duration (30s, 1h30m, @every 5m) or cron ('0 9 * * MON', @daily).",
+        show_default=False,
+    ),
+]
 
 
 @networked
-def list_jobs(json_out: JsonOut = False, *, net: Net) -> None:
-    """List every job with its schedule and run state.
+def list_jobs(
+    pattern: Annotated[
+        str | None,
+        typer.Argument(help="Only subjects matching this NATS wildcard pattern (orders.>)."),
+    ] = None,
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch", "-w", help="Then print every change as it is made, until interrupted."
+        ),
+    ] = False,
+    json_out: JsonOut = False,
+    *,
+    net: Net,
+) -> None:
+    """List the jobs (all, or those matching PATTERN) with schedule and run state.
 
-    Example: nats-cron list
+    \b
+    Examples:
+      nats-cron list
+      nats-cron list 'reports.>'
+      nats-cron list --watch
     """
-    jobs = call(net, lambda api: api.list())
+    if watch:
+        _watch(net, pattern, json_out)
+        return
+    jobs = call(net, lambda api: api.list(pattern))
     if json_out:
         print_json({"jobs": jobs})
     elif not jobs:
-        typer.echo("no jobs")
+        notice("no jobs" if pattern is None else f"no job matches {pattern}")
     else:
         console.print(jobs_table(jobs))
 
 
+def _watch(net: Net, pattern: str | None, json_out: bool) -> None:
+    async def watch(api: CronClient) -> None:
+        feed = await api.changes(pattern or ">")  # before listing: no change falls between
+        try:
+            jobs = await api.list(pattern)
+            if json_out:
+                for job in jobs:
+                    print_json_line({"change": "existing", "subject": job["target"]["subject"],
+                                     "revision": job.get("revision"), "job": job})  # fmt: skip
+            elif jobs:
+                console.print(jobs_table(jobs))
+            else:
+                notice("no jobs yet" if pattern is None else f"no job matches {pattern} yet")
+            sys.stdout.flush()
+            notice("watching for changes (Ctrl-C ends)")
+            async for event in feed:
+                if json_out:
+                    print_json_line(event)
+                else:
+                    typer.echo(_change_line(event))
+                    sys.stdout.flush()
+        finally:
+            await feed.close()
+
+    follow_until_interrupted()
+    try:
+        call(net, watch)
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
+def _change_line(event: dict[str, Any]) -> str:
+    """`2026-12-03T09:40:17.006Z  updated  reports.daily  0 8 * * 1-5 (Europe/Berlin)  by ...`"""
+    job = event.get("job") or {}
+    parts = [
+        str(event.get("time", "?")),
+        f"{event.get('change', '?'):<9}",
+        event.get("subject", "?"),
+    ]
+    if job:
+        parts.append(schedule_text(job) + (" paused" if job.get("paused") else ""))
+    requester = event.get("requester") or {}
+    who = "/".join(requester[k] for k in ("account", "user", "name") if requester.get(k))
+    parts.append((f"by {who} " if who else "") + f"via {event.get('instance', '?')}")
+    return "  ".join(parts)
+
+
 @networked
 def get(subject: Subject, json_out: JsonOut = False, *, net: Net) -> None:
-    """Show one job.
+    """Show one job (with its `revision`, for `update --revision`).
 
     Example: nats-cron get database.cleanup
     """
@@ -108,11 +189,15 @@ def get(subject: Subject, json_out: JsonOut = False, *, net: Net) -> None:
     console.print(jobs_table([job]))
     if job.get("payload"):
         typer.echo(f"payload: {json.dumps(job['payload'])}")
+    if job.get("revision") is not None:
+        typer.echo(f"revision: {job['revision']}")
 
 
 @networked
 def create(
     file: Annotated[str, typer.Argument(help="Job document (JSON); - reads stdin.")],
+    dry_run: DryRun = False,
+    json_out: JsonOut = False,
     *,
     net: Net,
 ) -> None:
@@ -120,9 +205,9 @@ def create(
 
     Example: nats-cron create cleanup-job.json
     """
-    doc = _read_document(file)
-    call(net, lambda api: api.create(doc))
-    typer.echo(f"created {_subject_of(doc)}")
+    doc = read_document(file)
+    reply = call(net, lambda api: api.create(doc, dry_run=dry_run))
+    done("created", str(reply.get("subject") or _subject_of(doc)), reply, json_out)
 
 
 @networked
@@ -132,45 +217,103 @@ def update(
     ] = None,
     schedule: Annotated[
         str | None,
-        typer.Argument(help="Duration (30s) or cron ('0 9 * * MON').", show_default=False),
+        typer.Argument(
+            help="Duration (30s, @every 5m) or cron ('0 9 * * MON').", show_default=False
+        ),
     ] = None,
-    payload: Annotated[str | None, typer.Argument(help="Message body.", show_default=False)] = None,
+    payload: Annotated[
+        str | None,
+        typer.Argument(help="New message body ('' for none: a ULID).", show_default=False),
+    ] = None,
     file: Annotated[
-        str | None, typer.Option("--file", "-f", help="Job document (JSON); - reads stdin.")
+        str | None,
+        typer.Option("--file", "-f", help="Replace with this whole document (JSON); - is stdin."),
     ] = None,
     tz: Tz = None,
     payload_type: PayloadType = None,
     jitter: Jitter = None,
     grace: Grace = None,
-    paused: Paused = False,
+    paused: Annotated[
+        bool | None, typer.Option("--paused/--resumed", help="Pause or resume it as well.")
+    ] = None,
+    revision: Annotated[
+        int | None,
+        typer.Option(
+            help="Change it only if it is still at this revision (see get); 0: only if new.",
+            min=0,
+        ),
+    ] = None,
+    dry_run: DryRun = False,
+    json_out: JsonOut = False,
     *,
     net: Net,
 ) -> None:
-    """Create or replace a job (an upsert), from arguments or a document.
+    """Change a job's schedule, and whatever else is given; keep everything else.
 
-    Examples: nats-cron update reports.daily "0 9 * * *" | nats-cron update --file job.json
+    SUBJECT SCHEDULE [PAYLOAD] changes the schedule (and the payload, zone, jitter, grace
+    or paused state when given) of the job as it is now; a change made meanwhile by
+    someone else is never overwritten (the update is redone on top of it). A job that does
+    not exist is created. --file replaces the whole job with a document instead (a
+    `revision` in it must still be the job's).
+
+    \b
+    Examples:
+      nats-cron update reports.daily "0 8 * * MON-FRI"
+      nats-cron update reports.daily 1h --revision 7
+      nats-cron update --file job.json
     """
     if file is not None:
-        if subject or schedule or payload:
+        if subject or schedule or payload is not None:
             raise fail("give either --file or SUBJECT SCHEDULE [PAYLOAD], not both", EXIT_USAGE)
-        doc = _read_document(file)
-    elif subject and schedule:
-        doc = build_document(subject, schedule, payload, payload_type, tz, jitter, grace, paused)
-    else:
+        doc = read_document(file)
+        reply = call(net, lambda api: api.update(doc, revision=revision, dry_run=dry_run))
+        done("updated", str(reply.get("subject") or _subject_of(doc)), reply, json_out)
+        return
+    if not (subject and schedule):
         raise fail("give SUBJECT SCHEDULE [PAYLOAD] or --file FILE", EXIT_USAGE)
-    call(net, lambda api: api.update(doc))
-    typer.echo(f"updated {_subject_of(doc)}")
+    given = (subject, schedule)
+
+    async def partial(api: CronClient) -> dict[str, Any]:
+        for _ in range(_PARTIAL_ATTEMPTS):
+            try:
+                current: dict[str, Any] | None = await api.get(given[0])
+            except ApiError as exc:
+                if exc.code != 404:
+                    raise
+                current = None
+            if current is None:
+                if payload is None and payload_type is not None:
+                    raise fail("--payload-type needs a PAYLOAD for a new job", EXIT_USAGE)
+                doc = build_document(*given, payload, payload_type, tz, jitter, grace, bool(paused))
+                expected = 0
+            else:
+                if payload is None and payload_type is not None and not current.get("payload"):
+                    raise fail(f"{given[0]} has no payload to give a type: add PAYLOAD", EXIT_USAGE)
+                doc = merge(current, given[1], payload, payload_type, tz, jitter, grace, paused)
+                expected = int(current.get("revision") or 0)
+            if revision is not None and expected != revision:
+                what = f"revision {expected}" if current is not None else "no such job"
+                raise fail(
+                    f"{given[0]} changed: {what}, expected revision {revision}; nothing updated",
+                    EXIT_CONFLICT if current is not None else EXIT_NOT_FOUND,
+                )
+            try:
+                return await api.update(doc, revision=expected, dry_run=dry_run)
+            except ApiError as exc:
+                # Changed or deleted since we read it: lay the change over the new version.
+                if exc.code in (404, 409) and revision is None:
+                    continue
+                raise
+        raise fail(f"{given[0]} kept changing concurrently; nothing updated", EXIT_CONFLICT)
+
+    reply = call(net, partial)
+    done("created" if reply.get("created") else "updated", subject, reply, json_out)
 
 
 @networked
 def add(
     subject: Subject,
-    schedule: Annotated[
-        str,
-        typer.Argument(
-            help="Duration (30s, 1h30m) or cron ('0 9 * * MON', @daily).", show_default=False
-        ),
-    ],
+    schedule: ScheduleArg,
     payload: Annotated[
         str | None, typer.Argument(help="Message body (JSON or text).", show_default=False)
     ] = None,
@@ -178,7 +321,9 @@ def add(
     payload_type: PayloadType = None,
     jitter: Jitter = None,
     grace: Grace = None,
-    paused: Paused = False,
+    paused: Annotated[bool, typer.Option("--paused", help="Create the job paused.")] = False,
+    dry_run: DryRun = False,
+    json_out: JsonOut = False,
     *,
     net: Net,
 ) -> None:
@@ -191,8 +336,8 @@ def add(
       nats-cron add reports.daily "0 9 * * MON" --tz Europe/Berlin
     """
     doc = build_document(subject, schedule, payload, payload_type, tz, jitter, grace, paused)
-    call(net, lambda api: api.create(doc))
-    typer.echo(f"added {subject}")
+    reply = call(net, lambda api: api.create(doc, dry_run=dry_run))
+    done("added", subject, reply, json_out)
 
 
 @networked
@@ -206,225 +351,116 @@ def delete(
     yes: Annotated[
         bool, typer.Option("--yes", "-y", help="Do not ask before deleting by pattern.")
     ] = False,
+    ignore_not_found: Annotated[
+        bool,
+        typer.Option("--ignore-not-found", help="A job that does not exist is not an error."),
+    ] = False,
+    dry_run: DryRun = False,
     json_out: JsonOut = False,
     *,
     net: Net,
 ) -> None:
-    """Delete a job, or every job matching a wildcard pattern (asks first).
+    """Delete a job (and its history), or every job matching a wildcard pattern (asks
+    first). Deleting a job that does not exist fails with exit 3.
 
     Examples: nats-cron delete database.cleanup | nats-cron delete 'reports.>' --yes
     """
-    if not _is_pattern(target):
-        call(net, lambda api: api.delete(target))
+    if not is_pattern(target):
+        reply = call(net, lambda api: api.delete(target, dry_run=dry_run))
+        if reply.get("existed", True):
+            done("deleted", target, reply, json_out)
+            return
+        if not ignore_not_found:
+            raise fail(f"no job with subject {target!r}: nothing deleted", EXIT_NOT_FOUND)
+        notice(f"no job with subject {target!r}: nothing deleted")
         if json_out:
-            print_json({"status": "deleted", "subject": target})
-        else:
-            typer.echo(f"deleted {target}")
+            print_json({"subject": target, **reply})
         return
-    if not yes:
-        jobs = call(net, lambda api: api.list())
-        matches = [
-            j["target"]["subject"] for j in jobs if subject_matches(target, j["target"]["subject"])
-        ]
-        if not matches:
-            typer.echo(f"no job matches {target}")
-            return
-        typer.echo(f"{len(matches)} job(s) match {target}:")
-        for subject in matches:
-            typer.echo(f"  {subject}")
-        try:
-            confirmed = typer.confirm("Delete them?", default=False)
-        except typer.Abort:  # no answer (no terminal, end of input)
-            raise fail("nothing deleted: no confirmation (use --yes)", EXIT_USAGE) from None
-        if not confirmed:
-            typer.echo("nothing deleted")
-            return
+    if dry_run or yes:
+        reply = call(net, lambda api: api.delete_pattern(target, dry_run=dry_run))
+        _deleted(target, reply, json_out)
+        return
+    jobs = call(net, lambda api: api.list(target))
+    matches = [j["target"]["subject"] for j in jobs]
+    if not matches:
+        _deleted(target, {"count": 0, "deleted": []}, json_out)
+        return
+    notice(f"{len(matches)} job(s) match {target}:")
+    for subject in matches:
+        notice(f"  {subject}")
+    confirmed = ask("Delete them?")
+    if confirmed is None:  # no answer (no terminal, end of input)
+        raise fail("nothing deleted: no confirmation (use --yes)", EXIT_USAGE)
+    if not confirmed:
+        notice("nothing deleted")
+        return
 
-        async def delete_shown(api: CronClient) -> dict[str, Any]:
-            # Exactly what was shown: a job added since the question is left alone.
-            for subject in matches:
-                await api.delete(subject)
-            return {"count": len(matches), "deleted": matches}
+    async def delete_shown(api: CronClient) -> dict[str, Any]:
+        # Exactly what was shown: a job added since the question is left alone.
+        gone = [s for s in matches if (await api.delete(s)).get("existed", True)]
+        return {"count": len(gone), "deleted": gone}
 
-        reply = call(net, delete_shown)
-    else:
-        reply = call(net, lambda api: api.delete_pattern(target))
+    _deleted(target, call(net, delete_shown), json_out)
+
+
+def _deleted(pattern: str, reply: dict[str, Any], json_out: bool) -> None:
     if json_out:
         print_json(reply)
+    elif not reply.get("count"):
+        notice(f"no job matches {pattern}")
     else:
-        typer.echo(f"deleted {reply['count']} job(s)")
-
-
-def _simple(verb: str, past: str, doc: str) -> Any:
-    @networked
-    def command(subject: Subject, *, net: Net) -> None:
-        call(net, lambda api: getattr(api, verb)(subject))
-        typer.echo(f"{past} {subject}")
-
-    command.__doc__ = doc
-    command.__name__ = verb
-    return command
-
-
-pause = _simple(
-    "pause",
-    "paused",
-    "Pause a job (resume computes its next run from then).\n\n"
-    "Example: nats-cron pause reports.daily",
-)
-resume = _simple(
-    "resume", "resumed", "Resume a paused job.\n\nExample: nats-cron resume reports.daily"
-)
+        typer.echo(
+            f"deleted {reply['count']} job(s)" + (" (dry run)" if reply.get("dry_run") else "")
+        )
 
 
 @networked
-def trigger(subject: Subject, json_out: JsonOut = False, *, net: Net) -> None:
-    """Fire a job once now (the leader publishes it), then carry on with its schedule.
+def pause(
+    subject: Subject, dry_run: DryRun = False, json_out: JsonOut = False, *, net: Net
+) -> None:
+    """Pause a job (resume computes its next run from then).
 
-    Example: nats-cron trigger reports.daily
+    Example: nats-cron pause reports.daily
     """
-    reply = call(net, lambda api: api.trigger(subject))
-    if json_out:
-        print_json(reply)
-    else:
-        typer.echo(f"triggered {subject} (scheduled {reply.get('scheduled')})")
+    reply = call(net, lambda api: api.pause(subject, dry_run=dry_run))
+    done("paused", subject, reply, json_out)
 
 
 @networked
-def history(
+def resume(
+    subject: Subject, dry_run: DryRun = False, json_out: JsonOut = False, *, net: Net
+) -> None:
+    """Resume a paused job.
+
+    Example: nats-cron resume reports.daily
+    """
+    reply = call(net, lambda api: api.resume(subject, dry_run=dry_run))
+    done("resumed", subject, reply, json_out)
+
+
+@networked
+def trigger(
     subject: Subject,
-    limit: Annotated[int, typer.Option("--limit", "-n", help="How many runs, newest first.")] = 20,
+    force: Annotated[
+        bool, typer.Option("--force", help="Run a paused job once too (it stays paused).")
+    ] = False,
+    dry_run: DryRun = False,
     json_out: JsonOut = False,
     *,
     net: Net,
 ) -> None:
-    """Show a job's recent runs (kept in a JetStream stream, across failovers).
+    """Fire a job once now (the leader publishes it), then carry on with its schedule.
 
-    Example: nats-cron history reports.daily -n 5
+    A paused job is refused unless --force: then it runs once and stays paused.
+
+    Example: nats-cron trigger reports.daily
     """
-    reply = call(net, lambda api: api.history(subject, limit))
+    reply = call(net, lambda api: api.trigger(subject, force=force, dry_run=dry_run))
     if json_out:
-        print_json(reply)
-        return
-    runs = reply.get("runs") or []
-    if not runs:
-        typer.echo(f"no runs of {subject} yet")
-        return
-    from rich.table import Table
-
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("SCHEDULED", "ACTUAL", "LATE", "INSTANCE", "EPOCH", "OUTCOME"):
-        table.add_column(column)
-    for run in runs:
-        scheduled = datetime.fromisoformat(run["scheduled"])
-        actual = datetime.fromisoformat(run["actual"])
-        late_ms = (actual - scheduled).total_seconds() * 1000
-        table.add_row(
-            run["scheduled"],
-            run["actual"],
-            f"{late_ms:.0f} ms",
-            str(run.get("instance")),
-            str(run.get("epoch")),
-            run.get("outcome", "?") + (f": {run['error']}" if run.get("error") else ""),
-        )
-    console.print(table)
-
-
-@networked
-def status(json_out: JsonOut = False, *, net: Net) -> None:
-    """Show which instance leads, since when, and how many jobs there are.
-
-    Example: nats-cron status
-    """
-    reply = call(net, lambda api: api.status())
-    if json_out:
-        print_json(reply)
-        return
-    leader = reply.get("leader") or {}
-    since = leader.get("since")
-    since_dt = datetime.fromisoformat(since) if since else None
-    console.print(
-        key_values(
-            [
-                ("leader", leader.get("instance_id") or "none (election in progress)"),
-                ("epoch", leader.get("epoch")),
-                (
-                    "leading since",
-                    f"{since} ({relative(since_dt).removesuffix(' ago')})" if since else None,
-                ),
-                ("jobs", reply.get("jobs")),
-                (
-                    "answered by",
-                    f"{reply.get('instance_id')} (version {reply.get('version')}, "
-                    f"up {int(reply.get('uptime_seconds', 0))}s)",
-                ),
-            ]
-        )
-    )
-
-
-@networked
-def instances(json_out: JsonOut = False, *, net: Net) -> None:
-    """List every running instance (micro discovery): role, version, endpoint stats.
-
-    Example: nats-cron instances
-    """
-
-    async def gather(api: CronClient) -> list[dict[str, Any]]:
-        pings = await api.discover("PING")
-        stats = {s.get("id"): s for s in await api.discover("STATS")}
-        status_reply = await api.status() if pings else {}
-        leader = (status_reply.get("leader") or {}).get("instance_id")
-        out = []
-        for ping in pings:
-            instance_id = (ping.get("metadata") or {}).get("instance_id", "?")
-            endpoints = (stats.get(ping.get("id")) or {}).get("endpoints") or []
-            out.append(
-                {
-                    "instance_id": instance_id,
-                    "role": "leader" if instance_id == leader else "follower",
-                    "version": ping.get("version"),
-                    "id": ping.get("id"),
-                    "endpoints": [
-                        {
-                            "name": e.get("name"),
-                            "subject": e.get("subject"),
-                            "num_requests": e.get("num_requests", 0),
-                            "num_errors": e.get("num_errors", 0),
-                            "average_processing_time_ns": e.get("average_processing_time", 0),
-                        }
-                        for e in endpoints
-                    ],
-                }
-            )
-        return sorted(out, key=lambda i: (i["role"] != "leader", i["instance_id"]))
-
-    found = call(net, gather)
-    if not found:
-        raise fail("no nats-cron instance answered discovery", EXIT_UNAVAILABLE)
-    if json_out:
-        print_json({"instances": found})
-        return
-    from rich.table import Table
-
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("INSTANCE", "ROLE", "VERSION", "REQUESTS", "ERRORS", "BUSIEST ENDPOINT", "ID"):
-        table.add_column(column)
-    for item in found:
-        endpoints = item["endpoints"]
-        busiest = max(endpoints, key=lambda e: e["num_requests"], default=None)
-        table.add_row(
-            item["instance_id"],
-            item["role"],
-            str(item["version"]),
-            str(sum(e["num_requests"] for e in endpoints)),
-            str(sum(e["num_errors"] for e in endpoints)),
-            f"{busiest['name']} ({busiest['num_requests']})"
-            if busiest and busiest["num_requests"]
-            else "-",
-            str(item["id"]),
-        )
-    console.print(table)
+        print_json({"subject": subject, **reply})
+    else:
+        suffix = " (dry run)" if reply.get("dry_run") else ""
+        typer.echo(f"triggered {subject} (scheduled {reply.get('scheduled')}){suffix}")
 
 
 def _subject_of(doc: Any) -> str:

@@ -11,9 +11,9 @@ import typer
 
 from nats_apscheduler import JobSpec, SpecError, fire_times, parse_duration, parse_job
 
-from .jobs import build_document
-from .output import console, print_json
+from .output import console, notice, print_json
 from .runner import EXIT_USAGE, fail
+from .short import build_document
 
 JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON (stable, for scripts).")]
 Count = Annotated[int, typer.Option("--count", "-n", help="How many fire times.", min=1, max=1000)]
@@ -25,7 +25,7 @@ def _show(spec: JobSpec, times: list[datetime], json_out: bool, extra: dict[str,
         print_json({**extra, "next": [t.astimezone(UTC).isoformat() for t in times]})
         return
     if not times:
-        typer.echo("never fires again")
+        notice("never fires again")
     from rich.table import Table
 
     table = Table(box=None, header_style="bold", pad_edge=False)
@@ -59,7 +59,9 @@ def validate(
         raise fail(f"cannot read {file}: {exc.strerror or exc}", EXIT_USAGE) from None
     try:
         document = json.loads(text)
-        spec = parse_job(document, min_interval=parse_duration(min_interval, "--min-interval"))
+        spec = parse_job(
+            document, min_interval=parse_duration(min_interval, "--min-interval"), strict=True
+        )
     except ValueError as exc:  # JSON errors and SpecError
         message = str(exc) if isinstance(exc, SpecError) else f"not valid JSON ({exc})"
         if json_out:
@@ -90,7 +92,7 @@ def next_times(
     """
     doc = build_document("preview", schedule, tz=tz)
     try:
-        spec = parse_job(doc, min_interval=timedelta(0))
+        spec = parse_job(doc, min_interval=timedelta(0), strict=True)
     except SpecError as exc:
         raise fail(str(exc), EXIT_USAGE) from None
     now = datetime.now(UTC)

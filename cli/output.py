@@ -1,10 +1,11 @@
-"""Human output (rich tables) and stable JSON output for scripts."""
+"""Human output (rich tables) and stable JSON output for scripts; notices on stderr."""
 
 import json
 import sys
 from datetime import UTC, datetime
 from typing import Any
 
+import typer
 from rich.console import Console
 from rich.table import Table
 
@@ -15,6 +16,16 @@ console = Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isa
 def print_json(data: Any) -> None:
     """Stable for scripts: indented, keys in a fixed order, always valid JSON on stdout."""
     print(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False))
+
+
+def print_json_line(data: Any) -> None:
+    """One compact JSON object per line (a live feed: --watch, --follow)."""
+    print(json.dumps(data, sort_keys=True, ensure_ascii=False), flush=True)
+
+
+def notice(message: str) -> None:
+    """Something for the person, not the result (stdout stays the data): stderr."""
+    typer.echo(message, err=True)
 
 
 def parse_time(text: str | None) -> datetime | None:
@@ -45,10 +56,13 @@ def relative(when: datetime | None, now: datetime | None = None) -> str:
     return f"in {text}" if future else f"{text} ago"
 
 
-def when(text: str | None) -> str:
+def when(text: str | None, short: bool = False) -> str:
+    """`in 4m 10s (2026-12-03 09:40:17Z)`; `short`: `in 4m 10s`."""
     moment = parse_time(text)
     if moment is None:
         return "-"
+    if short:
+        return relative(moment)
     return f"{relative(moment)} ({moment.astimezone(UTC).strftime('%Y-%m-%d %H:%M:%S')}Z)"
 
 
@@ -69,15 +83,25 @@ def schedule_text(job: dict[str, Any]) -> str:
 
 
 def jobs_table(jobs: list[dict[str, Any]]) -> Table:
+    """The subject never wraps (a subject broken in two reads as two subjects); on a
+    narrow terminal the other columns fold, and the last error is cut with an ellipsis."""
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("SUBJECT", "SCHEDULE", "NEXT RUN", "LAST RUN", "RUNS", "PAUSED", "LAST ERROR"):
+    widest = max((len(job.get("target", {}).get("subject", "?")) for job in jobs), default=7)
+    narrow = console.width < 160
+    table.add_column("SUBJECT", no_wrap=True, min_width=max(widest, 7))
+    for column in ("SCHEDULE", "NEXT RUN", "LAST RUN"):
         table.add_column(column, overflow="fold")
+    table.add_column("RUNS", no_wrap=True, justify="right")
+    table.add_column("PAUSED", no_wrap=True)
+    table.add_column(
+        "LAST ERROR", overflow="ellipsis", no_wrap=True, max_width=max(10, console.width // 5)
+    )
     for job in jobs:
         table.add_row(
             job.get("target", {}).get("subject", "?"),
             schedule_text(job),
-            when(job.get("next_run")),
-            when(job.get("last_run")),
+            when(job.get("next_run"), short=narrow),
+            when(job.get("last_run"), short=narrow),
             str(job.get("run_count", 0)),
             "yes" if job.get("paused") else "no",
             job.get("last_error") or "-",

@@ -16,17 +16,27 @@ import contextlib
 import functools
 import inspect
 import os
-from collections.abc import Callable, Coroutine
+import re
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
 import nats.errors
 import typer
 
-from nats_apscheduler import ApiError, Connection, CronClient, NoService, SpecError, connect
+from nats_apscheduler import (
+    ApiError,
+    Connection,
+    CronClient,
+    NatsCronError,
+    NoService,
+    SpecError,
+    connect,
+    parse_duration,
+)
 
 from .context import ContextError, load_context, selected_context
-from .options import FLAGS, apply_flags
+from .options import ConnectionFlags, with_connection_flags
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -38,11 +48,8 @@ EXIT_CONFLICT = 6
 
 T = TypeVar("T")
 
-ContextName = Annotated[
-    str | None,
-    typer.Option("--context", help="Use a context of the `nats` CLI (~/.config/nats/context)."),
-]
-Timeout = Annotated[float, typer.Option("--timeout", help="Seconds to wait for a reply.")]
+DEFAULT_TIMEOUT = 5.0
+_SECONDS = re.compile(r"\d+(\.\d*)?|\.\d+")
 
 
 @dataclass(frozen=True)
@@ -57,54 +64,68 @@ def fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
-def resolve(
-    server: str | None,
-    creds: Any,
-    user: str | None,
-    password: str | None,
-    token: str | None,
-    nkey: Any,
-    tls_ca: Any,
-    tls_cert: Any,
-    tls_key: Any,
-    context: str | None,
-    timeout: float,
-) -> Net:
-    """Connection settings: environment, then a `nats` context, then flags."""
-    base = Connection.from_env(os.environ)
-    name = context or (None if os.environ.get("NATS_URL") else selected_context(os.environ))
+def parse_timeout(text: str, where: str) -> float:
+    """Seconds: a bare number (`2`, `0.5`) or a Go duration (`2s`, `500ms`, `1m`)."""
+    text = text.strip()
+    try:
+        seconds = (
+            float(text) if _SECONDS.fullmatch(text) else parse_duration(text, where).total_seconds()
+        )
+    except SpecError as exc:
+        raise SpecError(
+            where, f"{text!r} is not a number of seconds or a duration (2s, 500ms)"
+        ) from exc
+    if seconds <= 0:
+        raise SpecError(where, f"{text!r} must be positive")
+    return seconds
+
+
+def resolve_connection(
+    flags: ConnectionFlags, environ: Mapping[str, str], base: Connection, implicit: bool
+) -> Connection:
+    """`base` (the NATS_* variables), then a `nats` context laid over it (`--context`,
+    else NATS_CONTEXT, else, when `implicit` and NATS_URL is unset, the context chosen
+    with `nats context select`), then the flags. Exits 2 on a bad context or timeout."""
+    name = flags.context or environ.get("NATS_CONTEXT") or None
+    if name is None and implicit and not environ.get("NATS_URL"):
+        name = selected_context(environ)
     if name:
         try:
-            base = load_context(name, base, os.environ)
+            base = load_context(name, base, environ)
         except ContextError as exc:
             raise fail(str(exc), EXIT_USAGE) from None
-    merged = apply_flags(
-        base, server, creds, user, password, token, nkey, tls_ca, tls_cert, tls_key
-    ).override(timeout=timeout)
-    if timeout <= 0:
-        raise fail("--timeout must be positive", EXIT_USAGE)
-    return Net(merged, timeout)
+    connection = flags.apply(base)
+    try:
+        if flags.timeout is not None:
+            connection = connection.override(timeout=parse_timeout(flags.timeout, "--timeout"))
+        elif environ.get("NATS_TIMEOUT"):
+            timeout = parse_timeout(environ["NATS_TIMEOUT"], "NATS_TIMEOUT")
+            connection = connection.override(timeout=timeout)
+        else:
+            connection = connection.override(timeout=DEFAULT_TIMEOUT)
+    except SpecError as exc:
+        raise fail(str(exc), EXIT_USAGE) from None
+    return connection
+
+
+def resolve(flags: ConnectionFlags, environ: Mapping[str, str] = os.environ) -> Net:
+    connection = resolve_connection(flags, environ, Connection.from_env(environ), implicit=True)
+    return Net(connection, connection.timeout)
 
 
 def networked(fn: Callable[..., T]) -> Callable[..., T]:
-    """Give a command the connection flags; it receives them folded into `net: Net`."""
-    options: list[tuple[str, Any, Any]] = [(name, option, None) for name, option in FLAGS]
-    options += [("context", ContextName, None), ("timeout", Timeout, 5.0)]
-    names = [name for name, _, _ in options]
-    extra = [
-        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=option)
-        for name, option, default in options
-    ]
+    """Give a command the connection flags; it receives them resolved, as `net: Net`."""
     own = [p for p in inspect.signature(fn).parameters.values() if p.name != "net"]
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> T:
-        conn = {name: kwargs.pop(name) for name in names}
-        return fn(*args, net=resolve(**conn), **kwargs)
+    def inner(*args: Any, flags: ConnectionFlags, **kwargs: Any) -> T:
+        return fn(*args, net=resolve(flags), **kwargs)
 
-    wrapper.__signature__ = inspect.Signature([*own, *extra])  # type: ignore[attr-defined]
-    wrapper.__annotations__ = {}
-    return wrapper
+    inner.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [*own, inspect.Parameter("flags", inspect.Parameter.KEYWORD_ONLY)]
+    )
+    inner.__annotations__ = {}
+    return with_connection_flags(inner)
 
 
 def call(net: Net, action: Callable[[CronClient], Coroutine[Any, Any, T]]) -> T:
@@ -122,6 +143,10 @@ def call(net: Net, action: Callable[[CronClient], Coroutine[Any, Any, T]]) -> T:
         raise fail(str(exc), EXIT_USAGE) from None
     except NoService as exc:
         raise fail(str(exc), EXIT_UNAVAILABLE) from None
+    except nats.errors.ConnectionClosedError:
+        raise fail(f"lost the connection to {net.connection.safe_url}", EXIT_UNAVAILABLE) from None
+    except _Closed as exc:
+        raise fail(str(exc), EXIT_UNAVAILABLE) from None
     except _Unreachable as exc:
         raise fail(str(exc), EXIT_UNAVAILABLE) from None
     except _Denied as exc:
@@ -131,6 +156,8 @@ def call(net: Net, action: Callable[[CronClient], Coroutine[Any, Any, T]]) -> T:
         if isinstance(exc, nats.errors.NoServersError | OSError):
             detail = f"cannot connect to {net.connection.safe_url}: {detail}"
         raise fail(detail, EXIT_UNAVAILABLE) from None
+    except NatsCronError as exc:
+        raise fail(str(exc), EXIT_ERROR) from None
 
 
 class _Denied(Exception):
@@ -138,6 +165,10 @@ class _Denied(Exception):
 
 
 class _Unreachable(Exception):
+    pass
+
+
+class _Closed(Exception):
     pass
 
 
@@ -159,7 +190,14 @@ async def _call(net: Net, action: Callable[[CronClient], Coroutine[Any, Any, T]]
 
     # nats-py retries an initial connect without end: stop at the first round of failures
     # or at the timeout, whichever comes first.
-    connecting = loop.create_task(connect(net.connection, error_cb=on_error, allow_reconnect=False))
+    lost = asyncio.Event()
+
+    async def on_closed() -> None:
+        lost.set()
+
+    connecting = loop.create_task(
+        connect(net.connection, error_cb=on_error, closed_cb=on_closed, allow_reconnect=False)
+    )
     failed = loop.create_task(every_server_failed.wait())
     await asyncio.wait(
         {connecting, failed}, timeout=net.timeout, return_when=asyncio.FIRST_COMPLETED
@@ -180,15 +218,23 @@ async def _call(net: Net, action: Callable[[CronClient], Coroutine[Any, Any, T]]
         )
         raise _Unreachable(f"cannot connect to {net.connection.safe_url}: {cause}")
     nc = connecting.result()
+    # A long-running command (list --watch, history --follow) ends when the connection
+    # does: nats-py's own reconnects are off here.
+    closed = loop.create_task(lost.wait())
+    task: asyncio.Task[T] = loop.create_task(action(CronClient(nc, timeout=net.timeout)))
     try:
-        task: asyncio.Task[T] = loop.create_task(action(CronClient(nc, timeout=net.timeout)))
-        racers: set[asyncio.Future[Any]] = {task, denied}
+        racers: set[asyncio.Future[Any]] = {task, denied, closed}
         done, _ = await asyncio.wait(racers, return_when=asyncio.FIRST_COMPLETED)
         if task not in done:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            raise _Denied(denied.result())
+            if denied.done():
+                raise _Denied(denied.result())
+            raise _Closed(f"lost the connection to {net.connection.safe_url}")
         return task.result()
     finally:
+        closed.cancel()
+        task.cancel()  # interrupted (Ctrl-C): the action ends with us
         with contextlib.suppress(OSError, nats.errors.Error):
             await nc.close()
+        await asyncio.gather(task, return_exceptions=True)  # its end, seen by nobody else

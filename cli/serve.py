@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import typer
 from loguru import logger
 
 from nats_apscheduler import (
+    DataDirInUse,
     EmbeddedNatsServer,
     NatsCron,
     NatsCronError,
@@ -22,18 +24,8 @@ from nats_apscheduler import (
 )
 from nats_apscheduler import configure_logging as configure
 
-from .options import (
-    Creds,
-    Nkey,
-    Password,
-    Server,
-    TlsCa,
-    TlsCert,
-    TlsKey,
-    Token,
-    User,
-    apply_flags,
-)
+from .options import ConnectionFlags, with_connection_flags
+from .runner import resolve_connection
 
 EXIT_FATAL = 1
 EXIT_CONFIG = 2
@@ -53,20 +45,16 @@ def _duration(text: str | None, name: str) -> timedelta | None:
     return value
 
 
+@with_connection_flags
 def serve(
-    server: Server = None,
-    creds: Creds = None,
-    user: User = None,
-    password: Password = None,
-    token: Token = None,
-    nkey: Nkey = None,
-    tls_ca: TlsCa = None,
-    tls_cert: TlsCert = None,
-    tls_key: TlsKey = None,
     instance_id: str | None = typer.Option(
         None, help="Instance id (env INSTANCE_ID, default: hostname)."
     ),
     log_level: str | None = typer.Option(None, help="debug, info, warn or error (env LOG_LEVEL)."),
+    log_format: str | None = typer.Option(
+        None,
+        help="text or json (env NATS_CRON_LOG_FORMAT; default: text on a terminal, else JSON).",
+    ),
     jobs_bucket: str | None = typer.Option(
         None, help="KV bucket of the jobs (env NATS_CRON_JOBS_BUCKET)."
     ),
@@ -108,6 +96,8 @@ def serve(
     embedded_port: int = typer.Option(
         4222, help="Embedded server's client port (0: any free port)."
     ),
+    *,
+    flags: ConnectionFlags,
 ) -> None:
     """Run a scheduler instance: elects a leader, fires jobs, serves the API.
 
@@ -117,6 +107,7 @@ def serve(
         settings = Settings.from_env(os.environ).override(
             instance_id=instance_id,
             log_level=log_level.lower() if log_level else None,
+            log_format=log_format.lower() if log_format else None,
             jobs_bucket=jobs_bucket,
             leader_bucket=leader_bucket,
             history_stream=history_stream,
@@ -128,18 +119,9 @@ def serve(
             metrics_port=metrics_port,
             metrics_host=metrics_host,
         )
-        connection = apply_flags(
-            settings.connection,
-            server,
-            creds,
-            user,
-            password,
-            token,
-            nkey,
-            tls_ca,
-            tls_cert,
-            tls_key,
-        )
+        # A context only when named (--context, NATS_CONTEXT): a service must not follow
+        # whichever context a person last selected with `nats context select`.
+        connection = resolve_connection(flags, os.environ, settings.connection, implicit=False)
         settings = settings.override(connection=connection).validate()
         if settings.log_level not in ("debug", "info", "warn", "warning", "error"):
             raise SpecError(
@@ -148,13 +130,19 @@ def serve(
     except NatsCronError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_CONFIG) from None
-    configure(settings.log_level, instance_id=settings.instance_id)
+    log_format = settings.log_format
+    if log_format == "auto":
+        log_format = "text" if sys.stderr.isatty() else "json"
+    configure(settings.log_level, log_format=log_format, instance_id=settings.instance_id)
 
     nats_server: EmbeddedNatsServer | None = None
     if embedded:
         directory = data_dir or default_data_dir()
         try:
             nats_server = EmbeddedNatsServer(directory, port=embedded_port).start()
+        except DataDirInUse as exc:  # before the server (and its store) was started
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(EXIT_FATAL) from None
         except (RuntimeError, OSError) as exc:
             typer.echo(f"error: could not start the embedded nats-server: {exc}", err=True)
             raise typer.Exit(EXIT_FATAL) from None
@@ -193,7 +181,7 @@ async def _run(settings: Settings) -> int:
         return 0
     if starting.exception() is not None:  # report why; the orchestrator restarts us
         exc = starting.exception()
-        logger.error("could not start: {}: {}", type(exc).__name__, exc)
+        logger.opt(exception=exc).error("could not start: {}: {}", type(exc).__name__, exc)
         await cron.stop()
         return EXIT_FATAL
     fatal = loop.create_task(cron.wait_fatal())

@@ -8,12 +8,18 @@ from importlib.metadata import PackageNotFoundError, version
 
 from loguru import logger
 
-from nats_apscheduler.client import ApiError, CronClient, NoService
+from nats_apscheduler.client import ApiError, CronClient, Feed, NoService
 from nats_apscheduler.connection import connect
 from nats_apscheduler.cron import StandardCronTrigger, fire_times, parse_cron
 from nats_apscheduler.durations import format_duration, parse_duration
 from nats_apscheduler.embedded import EmbeddedNatsServer
-from nats_apscheduler.errors import NatsCronError, SpecError, StoreError, WriteConflict
+from nats_apscheduler.errors import (
+    DataDirInUse,
+    NatsCronError,
+    SpecError,
+    StoreError,
+    WriteConflict,
+)
 from nats_apscheduler.jobs import subject_matches
 from nats_apscheduler.logs import configure as configure_logging
 from nats_apscheduler.server import NatsCron
@@ -33,8 +39,10 @@ __all__ = [
     "ApiError",
     "Connection",
     "CronClient",
+    "DataDirInUse",
     "EmbeddedNatsServer",
     "EveryTrigger",
+    "Feed",
     "JetStreamJobStore",
     "JobSpec",
     "NatsCron",

@@ -6,7 +6,8 @@
     │   ├── RecordError      a KV record cannot be decoded or names a forbidden function
     │   └── WriteConflict    a compare-and-set write lost against another writer
     ├── BridgeError          a blocking call was made where it would deadlock the event loop
-    └── NotLeaderError       a fire was attempted without a valid lease
+    ├── NotLeaderError       a fire was attempted without a valid lease
+    └── DataDirInUse         another embedded nats-server holds this data directory
 
 APScheduler's own `ConflictingIdError` / `JobLookupError` are raised where its store
 contract asks for them.
@@ -46,3 +47,7 @@ class BridgeError(NatsCronError, RuntimeError):
 
 class NotLeaderError(NatsCronError):
     """A fire was attempted by an instance that cannot prove it holds the lease."""
+
+
+class DataDirInUse(NatsCronError, RuntimeError):
+    """Another embedded nats-server (or one whose parent died) uses this data directory."""

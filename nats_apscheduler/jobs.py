@@ -13,9 +13,11 @@ the history (`RunView`).
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import contextlib
-from collections.abc import Callable, Iterator
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -23,11 +25,12 @@ from typing import Any, Protocol
 from apscheduler.job import Job
 from apscheduler.jobstores.base import ConflictingIdError, JobLookupError
 from apscheduler.schedulers.base import BaseScheduler
+from loguru import logger
 
 from nats_apscheduler.agenda import display_next
-from nats_apscheduler.errors import NatsCronError, SpecError, WriteConflict
+from nats_apscheduler.errors import NatsCronError, SpecError, StoreError, WriteConflict
 from nats_apscheduler.fire import FIRE_REF, rfc3339
-from nats_apscheduler.history import RunState
+from nats_apscheduler.history import History, RunState
 from nats_apscheduler.spec import JobSpec, parse_job, validate_subject
 from nats_apscheduler.store import JetStreamJobStore
 
@@ -35,6 +38,7 @@ EXECUTOR = "nats"
 JOBSTORE = "default"
 _ATTEMPTS = 5
 MAX_OVERLAP = 4  # fires of one job in flight at once (jitter delays may overlap a slot)
+_APPLY_YIELD = 100  # documents validated between two yields to the loop (fires go on)
 # Aliases: the method `JobManager.list` shadows the builtin inside the class.
 Documents = list[dict[str, Any]]
 Subjects = list[str]
@@ -106,11 +110,14 @@ class JobManager:
         store: JetStreamJobStore,
         limits: Limits,
         view: RunView | None = None,
+        history: History | None = None,
     ) -> None:
+        """`history`, when given, loses a job's records when the job is deleted."""
         self._scheduler = scheduler
         self._store = store
         self.limits = limits
         self.view: RunView = view or RecordView()
+        self._history = history
 
     # --- reads ---------------------------------------------------------------------------
 
@@ -118,13 +125,20 @@ class JobManager:
         """Every job, in subject order (as the API's `list` pages them)."""
         return list(self.list_after(None))
 
-    def list_after(self, after: str | None) -> Iterator[dict[str, Any]]:
+    def list_after(self, after: str | None, pattern: str | None = None) -> Iterator[dict[str, Any]]:
         """The jobs in subject order, from the first subject after `after`, described
-        lazily (a page of the API's list describes only what fits in its reply)."""
+        lazily (a page of the API's list describes only what fits in its reply); only
+        those matching the NATS wildcard `pattern` if one is given."""
+        if pattern is not None:
+            validate_pattern(pattern)
         jobs = sorted(self._store.jobs(), key=_subject_of)
         start = 0 if after is None else bisect.bisect_right(jobs, after, key=_subject_of)
         now = datetime.now(UTC)
-        return (self.describe(job, now) for job in jobs[start:])
+        return (
+            self.describe(job, now)
+            for job in jobs[start:]
+            if pattern is None or subject_matches(pattern, job.id)
+        )
 
     def get(self, subject: str) -> dict[str, Any]:
         return self.describe(self._job(subject))
@@ -132,32 +146,52 @@ class JobManager:
     def count(self) -> int:
         return self._store.count()
 
+    def revision(self, subject: str) -> int:
+        """The KV revision of the job's last stored change (0: no such job stored)."""
+        return self._store.revision(subject)
+
+    def exists(self, subject: str) -> bool:
+        return (
+            self._store.lookup_job(subject) is not None or subject in self._store.skipped_records()
+        )
+
     def describe(self, job: Job, now: datetime | None = None) -> dict[str, Any]:
         doc = dict(job.kwargs.get("job") or {})
         subject = str(job.id)
         state = self.view.run_state(subject)
         nxt = self.view.next_run(job, now or datetime.now(UTC))
-        doc["paused"] = job.next_run_time is None
+        # A paused job run once by `trigger(force=True)` has a next run until it fired.
+        doc["paused"] = bool(doc.get("paused")) or job.next_run_time is None
+        if doc["paused"]:
+            forced = job.next_run_time
+            nxt = forced if forced is not None and forced >= (now or datetime.now(UTC)) else None
         doc["next_run"] = rfc3339(nxt) if nxt else None
         doc["last_run"] = state.last_run if state else None
         doc["last_scheduled"] = state.last_scheduled if state else None
         doc["run_count"] = state.run_count if state else 0
         doc["last_error"] = state.last_error if state else None
         doc["last_outcome"] = state.last_outcome if state else None
+        doc["revision"] = self._store.revision(subject)
         return doc
 
     # --- writes --------------------------------------------------------------------------
 
     def parse(self, document: Any) -> JobSpec:
+        """A new document, validated with every rule (`strict`) and this service's limits."""
         return parse_job(
             document,
             min_interval=self.limits.min_interval,
             max_payload=self.limits.max_payload,
+            strict=True,
         )
 
-    async def create(self, document: Any) -> JobSpec:
+    async def create(self, document: Any, *, dry_run: bool = False) -> JobSpec:
         spec = self.parse(document)
         now = datetime.now(UTC)
+        if dry_run:
+            if self.exists(spec.subject):
+                raise Conflict(f"job {spec.subject!r} exists already (use update)")
+            return spec
         trigger = spec.trigger(now)
         job = self._new_job(spec, trigger, _first(trigger, now, spec.paused))
         try:
@@ -173,9 +207,52 @@ class JobManager:
 
     async def update(self, document: Any) -> JobSpec:
         """Upsert. An unchanged schedule keeps its trigger and next run (and so its phase)."""
-        spec = self.parse(document)
-        await self._retrying(spec.subject, lambda: self._apply_update(spec))
+        spec, _ = await self.upsert(document)
         return spec
+
+    async def upsert(
+        self, document: Any, *, expected_revision: int | None = None, dry_run: bool = False
+    ) -> tuple[JobSpec, bool]:
+        """`update`, telling whether the job was created. With `expected_revision` the
+        change is made only if the job's stored revision is that one (0: only if there is
+        no such job), else `Conflict` (or `NotFound` if it was deleted): a concurrent
+        change is never overwritten."""
+        spec = self.parse(document)
+        subject = spec.subject
+        created = False
+
+        def apply() -> None:
+            nonlocal created
+            self._check_revision(subject, expected_revision)
+            created = self._store.lookup_job(subject) is None
+            if not dry_run:
+                self._apply_update(spec)
+
+        if dry_run:
+            apply()
+        else:
+            await self._retrying(subject, apply)
+        return spec, created
+
+    def _check_revision(self, subject: str, expected: int | None) -> None:
+        if expected is None:
+            return
+        exists = self._store.lookup_job(subject) is not None
+        if expected == 0:
+            if exists:
+                raise Conflict(
+                    f"job {subject!r} exists (revision {self.revision(subject)}); "
+                    "expected none (revision 0)"
+                )
+            return
+        if not exists:
+            raise NotFound(f"no job with subject {subject!r} (expected revision {expected})")
+        current = self.revision(subject)
+        if current != expected:
+            raise Conflict(
+                f"job {subject!r} changed: revision {current}, expected {expected}; "
+                "read it again and retry"
+            )
 
     def _apply_update(self, spec: JobSpec) -> None:
         now = datetime.now(UTC)
@@ -195,55 +272,182 @@ class JobManager:
             next_run = _first(trigger, now, False)
         self._store.update_job(self._new_job(spec, trigger, next_run))
 
-    async def delete(self, subject: str) -> None:
-        """Idempotent, as in the Go version."""
+    async def delete(self, subject: str, *, dry_run: bool = False) -> bool:
+        """Idempotent, as in the Go version; True if there was such a job. Its history
+        goes with it."""
         validate_subject(subject, "subject")
+        existed = self.exists(subject)
+        if dry_run:
+            return existed
 
-        def remove() -> None:
-            with contextlib.suppress(JobLookupError):
-                self._store.remove_job(subject)
+        await self._retrying(subject, functools.partial(self._remove_quietly, subject))
+        await self._purge_history(subject)
+        return existed
 
-        await self._retrying(subject, remove)
-
-    async def delete_pattern(self, pattern: str) -> Subjects:
+    async def delete_pattern(self, pattern: str, *, dry_run: bool = False) -> Subjects:
         validate_pattern(pattern)
-        ids = [job.id for job in self._store.jobs()] + list(self._store.skipped_records())
+        ids = [job_id for job_id, _, _ in self._store.records()]
+        ids += list(self._store.skipped_records())
         matched = sorted(i for i in ids if subject_matches(pattern, i))
+        if dry_run:
+            return matched
         for subject in matched:
-            try:
-                self._store.remove_job(subject)
-            except JobLookupError:
-                continue
+            self._remove_quietly(subject)
         self._wakeup()
         await self._store.aflush()
+        await self._purge_history(pattern)
         return matched
 
-    async def pause(self, subject: str) -> None:
+    async def _purge_history(self, subject_or_pattern: str) -> None:
+        if self._history is None:
+            return
+        try:
+            await self._history.purge(subject_or_pattern)
+        except Exception as exc:  # the job is gone; its old runs stay visible
+            logger.bind(subject=subject_or_pattern).warning(
+                "could not purge the history of a deleted job: {}", exc
+            )
+
+    async def pause(self, subject: str, *, dry_run: bool = False) -> None:
+        if dry_run:
+            self._job(subject)
+            return
+
         def pause() -> None:
             job = self._job(subject)
             self._replace(job, {**_doc(job), "paused": True}, None)
 
         await self._retrying(subject, pause)
 
-    async def resume(self, subject: str) -> None:
+    async def resume(self, subject: str, *, dry_run: bool = False) -> None:
+        if dry_run:
+            self._job(subject)
+            return
+
         def resume() -> None:
             job = self._job(subject)
             self._replace(job, {**_doc(job), "paused": False}, _first(job.trigger, _now(), False))
 
         await self._retrying(subject, resume)
 
-    async def trigger(self, subject: str) -> str:
-        """Fire once now (by the leader), then carry on with the schedule."""
+    async def trigger(self, subject: str, *, force: bool = False, dry_run: bool = False) -> str:
+        """Fire once now (by the leader), then carry on with the schedule. A paused job
+        is refused unless `force`: then it fires once and stays paused (its record keeps
+        `paused: true` with a next run time: the leader fires that one slot only)."""
         now = datetime.now(UTC)
 
         def trigger() -> None:
             job = self._job(subject)
-            if job.next_run_time is None:
-                raise Conflict(f"job {subject!r} is paused; resume it first")
-            self._replace(job, _doc(job), now)
+            paused = job.next_run_time is None or bool(_doc(job).get("paused"))
+            if paused and not force:
+                raise Conflict(
+                    f"job {subject!r} is paused; resume it first, or force one run (--force)"
+                )
+            if not dry_run:
+                self._replace(job, _doc(job), now)
 
-        await self._retrying(subject, trigger)
+        if dry_run:
+            trigger()
+        else:
+            await self._retrying(subject, trigger)
         return rfc3339(now)
+
+    async def apply(
+        self, documents: Sequence[Any], deletes: Sequence[str], *, dry_run: bool = False
+    ) -> Documents:
+        """Make each document the job of its subject, and delete `deletes`: one result
+        per item, in order, `{"subject", "action"}` with action `created`, `changed`,
+        `unchanged`, `deleted`, `absent` (nothing to delete) or `invalid`/`failed` (with
+        `error`). The writes are pipelined; a job whose document is stored already as
+        given is not written at all (applying a file twice changes nothing)."""
+        results: Documents = []
+        writes: dict[str, Callable[[], None]] = {}
+        seen: set[str] = set()
+        for i, document in enumerate(documents):
+            if i % _APPLY_YIELD == _APPLY_YIELD - 1:
+                await asyncio.sleep(0)  # a large batch must not stall the fires
+            try:
+                spec = self.parse(document)
+                if spec.subject in seen:
+                    raise SpecError("target.subject", f"{spec.subject!r} is given twice")
+            except SpecError as exc:
+                results.append(
+                    {"subject": _subject_in(document), "action": "invalid", "error": str(exc)}
+                )
+                continue
+            seen.add(spec.subject)
+            existing = self._store.lookup_job(spec.subject)
+            if existing is None:
+                action = "created"
+            elif existing.kwargs.get("job") == spec.to_document():
+                action = "unchanged"
+            else:
+                action = "changed"
+            results.append({"subject": spec.subject, "action": action})
+            if action != "unchanged":
+                writes[spec.subject] = functools.partial(self._apply_update, spec)
+        removed: Subjects = []
+        for subject in deletes:
+            try:
+                validate_subject(subject, "delete")
+                if subject in seen:
+                    raise SpecError("delete", f"{subject!r} is also applied")
+            except SpecError as exc:
+                results.append({"subject": subject, "action": "invalid", "error": str(exc)})
+                continue
+            seen.add(subject)
+            if not self.exists(subject):
+                results.append({"subject": subject, "action": "absent"})
+                continue
+            results.append({"subject": subject, "action": "deleted"})
+            writes[subject] = functools.partial(self._remove_quietly, subject)
+            removed.append(subject)
+        if dry_run or not writes:
+            return results
+        failures = await self._write_many(writes)
+        for result in results:
+            error = failures.get(result["subject"])
+            if error is not None and result["action"] not in ("invalid", "absent"):
+                result.update(action="failed", error=error)
+        if self._history is not None:
+            await asyncio.gather(*(self._purge_history(s) for s in removed if s not in failures))
+        return results
+
+    def _remove_quietly(self, subject: str) -> None:
+        with contextlib.suppress(JobLookupError):
+            self._store.remove_job(subject)
+
+    async def _write_many(self, mutations: dict[str, Callable[[], None]]) -> dict[str, str]:
+        """Apply every mutation, then wait for all their KV writes at once (the store
+        pipelines them); re-apply those that lost a compare-and-set race. Returns the
+        subjects that could not be written, with why."""
+        pending = dict(mutations)
+        failures: dict[str, str] = {}
+        for _ in range(_ATTEMPTS):
+            for subject, mutate in list(pending.items()):
+                try:
+                    mutate()
+                except (SpecError, ConflictingIdError, ValueError) as exc:
+                    failures[subject] = str(exc)
+                    del pending[subject]
+            self._wakeup()
+            outcomes = await asyncio.gather(
+                *(self._store.apersist(s) for s in pending), return_exceptions=True
+            )
+            retry: dict[str, Callable[[], None]] = {}
+            for (subject, mutate), outcome in zip(pending.items(), outcomes, strict=True):
+                if isinstance(outcome, WriteConflict):
+                    retry[subject] = mutate
+                elif isinstance(outcome, StoreError | TimeoutError):
+                    failures[subject] = f"storage unavailable: {outcome}"
+                elif isinstance(outcome, BaseException):
+                    raise outcome
+            pending = retry
+            if not pending:
+                break
+        for subject in pending:
+            failures[subject] = f"job {subject!r} kept changing concurrently; retry"
+        return failures
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -315,3 +519,14 @@ def _now() -> datetime:
 
 def _subject_of(job: Job) -> str:
     return str(job.id)
+
+
+def _subject_in(document: Any) -> str | None:
+    """The subject a (possibly invalid) document names, for error reports."""
+    if isinstance(document, dict):
+        target = document.get("target")
+        if isinstance(target, dict) and isinstance(target.get("subject"), str):
+            return str(target["subject"])
+        if isinstance(document.get("subject"), str):
+            return str(document["subject"])
+    return None

@@ -2,7 +2,8 @@
 
 KV names come from nats-py's own `nats.js.kv` constants; what nats-py does not name
 (compare-and-set headers, the server's wrong-last-sequence codes, the micro error headers)
-is named here. Every API subject is built by `api_subject()`, shared by service and client.
+is named here, and so is every subject of the nats-cron API, shared by service and client.
+Every API subject is under `nats-cron.`, which no job may target (`spec.validate_subject`).
 """
 
 from __future__ import annotations
@@ -11,21 +12,7 @@ from collections.abc import Mapping
 
 from nats.js.kv import KV_DEL, KV_MARKER_REASON, KV_OP, KV_PURGE
 
-__all__ = [
-    "API_PREFIX",
-    "EXPECTED_LAST",
-    "HISTORY_PREFIX",
-    "KV_DEL",
-    "KV_MARKER_REASON",
-    "KV_OP",
-    "KV_PURGE",
-    "MSG_ID",
-    "SERVICE_ERROR",
-    "SERVICE_ERROR_CODE",
-    "WRONG_LAST_SEQUENCE",
-    "api_subject",
-    "is_kv_delete",
-]
+# --- NATS and JetStream -------------------------------------------------------------------------
 
 #: Compare-and-set on one subject of a stream (a KV key): the write succeeds only if the
 #: subject's last message has this sequence (0: the subject has none).
@@ -38,14 +25,9 @@ MSG_ID = "Nats-Msg-Id"
 #: The micro framework's error headers (any `nats micro` service replies with them).
 SERVICE_ERROR = "Nats-Service-Error"
 SERVICE_ERROR_CODE = "Nats-Service-Error-Code"
-
-API_PREFIX = "nats-cron"
-HISTORY_PREFIX = "nats-cron.history"
-
-
-def api_subject(name: str) -> str:
-    """The subject of an API endpoint: `jobs.list` -> `nats-cron.jobs.list`."""
-    return f"{API_PREFIX}.{name}"
+#: Added by the NATS server to a request that crossed an account import: JSON describing
+#: the requester (account, user, name, ...).
+REQUEST_INFO_HEADER = "Nats-Request-Info"
 
 
 def is_kv_delete(headers: Mapping[str, str] | None) -> bool:
@@ -54,3 +36,69 @@ def is_kv_delete(headers: Mapping[str, str] | None) -> bool:
     if not headers:
         return False
     return headers.get(KV_OP) in (KV_DEL, KV_PURGE) or KV_MARKER_REASON in headers
+
+
+# --- the nats-cron API --------------------------------------------------------------------------
+
+PREFIX = "nats-cron"
+
+# Request subjects (SPEC §4: the Go version's, then ours).
+LIST = f"{PREFIX}.jobs.list"
+GET = f"{PREFIX}.jobs.get"
+CREATE = f"{PREFIX}.jobs.create"
+UPDATE = f"{PREFIX}.jobs.update"
+DELETE = f"{PREFIX}.jobs.delete"
+DELETE_PATTERN = f"{PREFIX}.jobs.delete.pattern"
+PAUSE = f"{PREFIX}.jobs.pause"
+RESUME = f"{PREFIX}.jobs.resume"
+TRIGGER = f"{PREFIX}.jobs.trigger"
+HISTORY = f"{PREFIX}.jobs.history"
+APPLY = f"{PREFIX}.jobs.apply"
+STATUS = f"{PREFIX}.status"
+
+# A change made through the API is published, by the instance that made it, on
+# `nats-cron.changes.<job subject>` (JSON: change, subject, revision, time, instance,
+# requester, job). Subscribe to `nats-cron.changes.>` or `nats-cron.changes.<pattern>`.
+CHANGES_PREFIX = f"{PREFIX}.changes"
+# Run history records go to `nats-cron.history.<stream>.<job subject>` (history.History);
+# the `status` reply names the prefix in use (`history_subject`).
+HISTORY_PREFIX = f"{PREFIX}.history"
+
+# Request header: validate and report what would happen, store nothing ("true").
+DRY_RUN_HEADER = "Nats-Cron-Dry-Run"
+
+
+def changes_subject(subject_or_pattern: str) -> str:
+    return f"{CHANGES_PREFIX}.{subject_or_pattern}"
+
+
+__all__ = [
+    "APPLY",
+    "CHANGES_PREFIX",
+    "CREATE",
+    "DELETE",
+    "DELETE_PATTERN",
+    "DRY_RUN_HEADER",
+    "EXPECTED_LAST",
+    "GET",
+    "HISTORY",
+    "HISTORY_PREFIX",
+    "KV_DEL",
+    "KV_MARKER_REASON",
+    "KV_OP",
+    "KV_PURGE",
+    "LIST",
+    "MSG_ID",
+    "PAUSE",
+    "PREFIX",
+    "REQUEST_INFO_HEADER",
+    "RESUME",
+    "SERVICE_ERROR",
+    "SERVICE_ERROR_CODE",
+    "STATUS",
+    "TRIGGER",
+    "UPDATE",
+    "WRONG_LAST_SEQUENCE",
+    "changes_subject",
+    "is_kv_delete",
+]

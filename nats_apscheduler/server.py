@@ -165,6 +165,7 @@ class NatsCron:
             self.store,
             Limits(min_interval=s.min_interval, max_payload=nc.max_payload, grace=s.grace),
             view=self,
+            history=self.history,
         )
         self.service = CronService(
             nc,

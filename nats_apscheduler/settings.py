@@ -18,6 +18,8 @@ from nats_apscheduler.durations import parse_duration
 from nats_apscheduler.errors import SpecError
 
 LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
+# "auto": text on a terminal, JSON lines otherwise (resolved by the application).
+LOG_FORMATS = ("auto", "text", "json")
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,7 @@ class Settings:
 
     connection: Connection = field(default_factory=Connection)
     log_level: str = "info"
+    log_format: str = "auto"
     instance_id: str = field(default_factory=socket.gethostname)
     jobs_bucket: str = "nats-cron-jobs"
     leader_bucket: str = "nats-cron-leader"
@@ -129,9 +132,15 @@ class Settings:
         if level not in LOG_LEVELS:
             raise SpecError("LOG_LEVEL", f"{level!r} is not one of debug, info, warn, error")
         metrics = environ.get("NATS_CRON_METRICS_PORT")
+        log_format = (environ.get("NATS_CRON_LOG_FORMAT") or "auto").lower()
+        if log_format not in LOG_FORMATS:
+            raise SpecError(
+                "NATS_CRON_LOG_FORMAT", f"{log_format!r} is not one of {', '.join(LOG_FORMATS)}"
+            )
         return cls(
             connection=Connection.from_env(environ),
             log_level=level,
+            log_format=log_format,
             instance_id=environ.get("INSTANCE_ID") or socket.gethostname(),
             jobs_bucket=environ.get("NATS_CRON_JOBS_BUCKET") or cls.jobs_bucket,
             leader_bucket=environ.get("NATS_CRON_LEADER_BUCKET") or cls.leader_bucket,
@@ -150,6 +159,8 @@ class Settings:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def validate(self) -> Settings:
+        if self.log_format not in LOG_FORMATS:
+            raise SpecError("log_format", f"{self.log_format!r} is not one of text, json, auto")
         if self.lease_ttl < timedelta(seconds=1):
             raise SpecError("lease_ttl", "must be at least 1s (the server's per-key TTL minimum)")
         if self.lease_ttl % timedelta(seconds=1):

@@ -34,6 +34,7 @@ _RFC3339 = re.compile(
     r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})?$"
 )
 _TZ_PREFIX = re.compile(r"^(CRON_TZ|TZ)=(\S*)(\s*)(.*)$", re.DOTALL)
+_EVERY_DESCRIPTOR = re.compile(r"^@every\s+(\S+)$", re.IGNORECASE)
 PayloadType = Literal["json", "text", "base64"]
 
 
@@ -167,8 +168,16 @@ class _Document(_Strict):
 
 
 # Run-state fields that a `get` reply carries; accepted and ignored on input so a client
-# can send back what it read.
-_READ_ONLY = ("next_run", "last_run", "run_count", "last_error", "last_scheduled", "last_outcome")
+# can send back what it read (the API's `update` reads `revision` as a precondition).
+_READ_ONLY = (
+    "next_run",
+    "last_run",
+    "run_count",
+    "last_error",
+    "last_scheduled",
+    "last_outcome",
+    "revision",
+)
 
 
 @dataclass(frozen=True)
@@ -325,10 +334,18 @@ def parse_job(
     min_interval: timedelta = DEFAULT_MIN_INTERVAL,
     max_payload: int | None = None,
     now: datetime | None = None,
+    strict: bool = False,
 ) -> JobSpec:
-    """Validate a job document (README schema or Go v0.2 flat form) into a `JobSpec`."""
+    """Validate a job document (README schema or Go v0.2 flat form) into a `JobSpec`.
+
+    `strict` adds the rules that came after jobs may already have been stored (a zone on
+    an `every` schedule, which has no effect): the API and `validate` apply them to new
+    documents; a stored record is read leniently, so that a job accepted once keeps firing.
+    """
     try:
-        return _parse_job(document, min_interval, max_payload, now or datetime.now(UTC))
+        return _parse_job(
+            document, min_interval, max_payload, now or datetime.now(UTC), strict=strict
+        )
     except SpecError:
         raise
     except ValidationError as exc:
@@ -339,7 +356,7 @@ def parse_job(
 
 
 def _parse_job(
-    document: Any, min_interval: timedelta, max_payload: int | None, now: datetime
+    document: Any, min_interval: timedelta, max_payload: int | None, now: datetime, strict: bool
 ) -> JobSpec:
     doc = _Document.model_validate(_normalise(document))
     subject = validate_subject(doc.target.subject)
@@ -357,17 +374,9 @@ def _parse_job(
     if zone_name is not None:
         parse_timezone(zone_name, "schedule.timezone")
     every = cron = None
+    every_text, every_where = sched.every, "schedule.every"
     at = None
-    if sched.every is not None:
-        every = parse_duration(sched.every, "schedule.every")
-        if every <= timedelta(0):
-            raise SpecError("schedule.every", f"{sched.every!r} must be positive")
-        if every < min_interval:
-            raise SpecError(
-                "schedule.every",
-                f"{sched.every!r} is below the minimum interval {format_duration(min_interval)}",
-            )
-    elif sched.cron is not None:
+    if sched.cron is not None:
         prefix_zone, cron = _split_tz_prefix(sched.cron)
         if prefix_zone is not None:
             parse_timezone(prefix_zone, "schedule.cron")
@@ -377,9 +386,36 @@ def _parse_job(
                     f"zone {prefix_zone!r} conflicts with schedule.timezone {zone_name!r}",
                 )
             zone_name = prefix_zone
-        parse_cron(cron)
-    else:
-        assert sched.at is not None
+        descriptor = _EVERY_DESCRIPTOR.match(cron)
+        if descriptor is not None:
+            # robfig/cron's `@every <duration>`: an interval, stored as `every`.
+            every_text, every_where, cron = descriptor.group(1), "schedule.cron", None
+            if strict and prefix_zone is not None:
+                raise SpecError(
+                    "schedule.cron",
+                    f"a zone has no effect on {sched.cron.strip()!r} (an interval does not "
+                    "depend on the time zone): remove it",
+                )
+        elif cron.lower().split()[:1] == ["@every"]:
+            raise SpecError("schedule.cron", f"{cron!r}: @every needs a duration, e.g. @every 5m")
+        else:
+            parse_cron(cron)
+    if every_text is not None:
+        every = parse_duration(every_text, every_where)
+        if every <= timedelta(0):
+            raise SpecError(every_where, f"{every_text!r} must be positive")
+        if every < min_interval:
+            raise SpecError(
+                every_where,
+                f"{every_text!r} is below the minimum interval {format_duration(min_interval)}",
+            )
+        if strict and sched.timezone is not None:
+            raise SpecError(
+                "schedule.timezone",
+                f"{sched.timezone!r} has no effect on an `every` schedule (an interval does not "
+                "depend on the time zone): remove it, or use a cron schedule",
+            )
+    elif sched.at is not None:
         at = parse_time(sched.at, "schedule.at")
 
     jitter = parse_duration(sched.jitter, "schedule.jitter") if sched.jitter else timedelta(0)
@@ -399,7 +435,7 @@ def _parse_job(
         payload_type=kind,
         payload_data=data,
         every=every,
-        every_text=sched.every,
+        every_text=every_text,
         cron=cron,
         at=at,
         timezone=zone_name or "UTC",

@@ -357,7 +357,8 @@ class JetStreamJobStore(BaseJobStore):  # type: ignore[misc]
             return len(self._mirror)
 
     def revision(self, job_id: str) -> int:
-        """The KV revision of the job's local copy (0: never stored)."""
+        """The KV revision of `job_id`'s last stored change this store knows of (0: none;
+        a write still queued is not counted until it lands)."""
         with self._lock:
             return self._mirror.revisions.get(job_id, 0)
 

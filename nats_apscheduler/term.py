@@ -174,6 +174,13 @@ class Term:
             self.agenda.advance(entry, None)
             return
         grace = job.misfire_grace_time
+        if _forced_run(job):
+            # A paused job triggered with force: its record's one slot, then nothing more.
+            pending = entry.floor is None or entry.slot > entry.floor
+            if pending and (grace is None or (now - entry.slot).total_seconds() <= grace):
+                fires.append(Fire(plan, entry.slot, entry.slot < self._since))
+            self.agenda.advance(entry, None)
+            return
         slots = resolve(
             job.trigger,
             entry.slot,
@@ -280,3 +287,10 @@ class Term:
         if self._marker is not None:
             self._marker.cancel()
         return max(0, self._unconfirmed)
+
+
+def _forced_run(job: Job) -> bool:
+    """A job whose document says paused but whose record has a next run time: a run
+    forced by `trigger --force`, the only slot it fires."""
+    document = job.kwargs.get("job")
+    return isinstance(document, dict) and bool(document.get("paused"))

@@ -7,14 +7,19 @@ other's requests); each test uses subjects under a prefix of its own.
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
+import os
+import pty
 import re
 import shlex
 import socket
+import struct
+import subprocess
+import termios
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -27,40 +32,21 @@ from typer.testing import CliRunner
 
 from nats_apscheduler import __version__
 from nats_apscheduler.embedded import EmbeddedNatsServer
-from tests.helpers.cli_run import Cli, cli_env, closed_port_url, service_env
+from tests.helpers.cli_run import (
+    CLI,
+    Cli,
+    Service,
+    cli_env,
+    closed_port_url,
+    service_env,
+    start_service,
+)
 from tests.helpers.cluster import ServeProcess
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 RUN_STATE = {"next_run", "last_run", "last_scheduled", "run_count", "last_error", "paused"}
 
 _prefixes = itertools.count()
-
-
-@dataclass
-class Service:
-    server: EmbeddedNatsServer
-    proc: ServeProcess
-    env: dict[str, str]
-
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-    @property
-    def instance_id(self) -> str:
-        return self.proc.instance_id
-
-
-def start_service(server: EmbeddedNatsServer, name: str, **extra: str) -> Service:
-    env = service_env(server.url, name, **extra)
-    proc = ServeProcess(f"{name}-a", env)
-    try:
-        proc.wait_for("nats-cron instance started", timeout=15)
-        proc.wait_for("won the lease", timeout=15)
-    except BaseException:
-        proc.stop()
-        raise
-    return Service(server, proc, env)
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +131,7 @@ def test_every_documented_command_is_registered() -> None:
     expected = {
         "serve", "list", "ls", "get", "create", "update", "add", "delete", "del", "status",
         "pause", "resume", "trigger", "history", "instances", "validate", "next",
+        "export", "apply",
     }  # fmt: skip
     assert set(ALL_COMMANDS) == expected
 
@@ -413,17 +400,26 @@ def test_update_from_args_and_file(cli: Cli, prefix: str, tmp_path: Path) -> Non
     assert get_job(cli, subject)["schedule"] == {"every": "4h"}
 
 
-def test_delete_subject_is_idempotent(cli: Cli, prefix: str) -> None:
+def test_delete_subject_and_a_missing_one(cli: Cli, prefix: str) -> None:
     cli.fast_ok("add", f"{prefix}.a", "1h")
     cli.fast_ok("add", f"{prefix}.b", "1h")
     assert cli.ok("delete", f"{prefix}.a").out.strip() == f"deleted {prefix}.a"
-    assert cli.ok("del", f"{prefix}.b").out.strip() == f"deleted {prefix}.b"
+    reply = cli.ok("del", f"{prefix}.b", "--json").json()
+    assert reply["status"] == "deleted" and reply["existed"] is True
     assert subjects(cli, prefix) == []
     cli.fails(3, "get", f"{prefix}.a", fast=True)
-    # deleting a job that does not exist succeeds, as in the Go API
-    cli.ok("delete", f"{prefix}.a")
-    cli.ok("del", f"{prefix}.never")
-    assert cli.ok("delete", f"{prefix}.never", "--json").json()["status"] == "deleted"
+    # a job that does not exist: nothing deleted, said so, exit 3 (never "deleted ...")
+    for command in ("delete", "del"):
+        missing = cli.fails(3, command, f"{prefix}.a")
+        assert "nothing deleted" in missing.err and f"{prefix}.a" in missing.err
+        assert missing.out == ""
+    json_missing = cli.fails(3, "delete", f"{prefix}.never", "--json")
+    assert json_missing.out == ""
+    # ...unless the script says that is fine
+    ignored = cli.ok("delete", f"{prefix}.never", "--ignore-not-found")
+    assert ignored.out == "" and "nothing deleted" in ignored.err
+    data = cli.ok("delete", f"{prefix}.never", "--ignore-not-found", "--json").json()
+    assert data["existed"] is False and data["subject"] == f"{prefix}.never"
 
 
 def test_delete_by_pattern_asks(cli: Cli, prefix: str) -> None:
@@ -433,24 +429,25 @@ def test_delete_by_pattern_asks(cli: Cli, prefix: str) -> None:
     cli.fast_ok("add", f"{prefix}.keep", "1h")
     pattern = f"{prefix}.r.>"
 
-    # no input at all: exit 2, nothing deleted
+    # no input at all: exit 2, nothing deleted; the question and the list go to stderr
     result = cli.fails(2, "delete", pattern, stdin_devnull=True)
     assert "--yes" in result.err
     for subject in mine:
-        assert subject in result.out
-    assert "3 job(s) match" in result.out
-    no_success_claim(result.out)
+        assert subject in result.err
+    assert "3 job(s) match" in result.err
+    assert result.out == ""
     assert subjects(cli, prefix) == sorted([*mine, f"{prefix}.keep"])
 
     # answering n: nothing deleted
     result = cli.ok("delete", pattern, input="n\n")
-    assert "Delete them?" in result.out and "nothing deleted" in result.out
+    assert "Delete them?" in result.err and "nothing deleted" in result.err
+    assert result.out == ""
     assert subjects(cli, prefix) == sorted([*mine, f"{prefix}.keep"])
 
     # `*` matches one token only
     result = cli.ok("delete", f"{prefix}.r.*", input="y\n")
-    assert "2 job(s) match" in result.out and f"{prefix}.r.deep.three" not in result.out
-    assert "deleted 2 job(s)" in result.out
+    assert "2 job(s) match" in result.err and f"{prefix}.r.deep.three" not in result.err
+    assert result.out.strip() == "deleted 2 job(s)"
     assert subjects(cli, prefix) == sorted([f"{prefix}.r.deep.three", f"{prefix}.keep"])
 
     # answering y
@@ -464,9 +461,9 @@ def test_delete_by_pattern_asks(cli: Cli, prefix: str) -> None:
     assert reply == {"count": 1, "deleted": [f"{prefix}.r.again"]}
     assert subjects(cli, prefix) == [f"{prefix}.keep"]
 
-    # nothing matches: nothing asked, exit 0
+    # nothing matches: nothing asked, exit 0 (as kubectl's "No resources found")
     result = cli.ok("delete", f"{prefix}.none.>", stdin_devnull=True)
-    assert "no job matches" in result.out
+    assert "no job matches" in result.err and result.out == ""
 
 
 def test_status_table_and_json(cli: Cli, service: Service) -> None:
@@ -500,7 +497,8 @@ def test_pause_and_resume(cli: Cli, prefix: str) -> None:
 def test_trigger_then_history(cli: Cli, prefix: str, service: Service) -> None:
     subject = f"{prefix}.beat"
     cli.fast_ok("add", subject, "1h")
-    assert cli.ok("history", subject).out.strip() == f"no runs of {subject} yet"
+    empty = cli.ok("history", subject)
+    assert empty.out == "" and empty.err.strip() == f"no runs of {subject} yet"
     assert cli.ok("history", subject, "--json").json()["runs"] == []
 
     out = cli.ok("trigger", subject).out
@@ -597,15 +595,27 @@ def test_readme_cli_examples_run_in_order(tmp_path: Path, xdg: Path) -> None:
         svc = start_service(own, "cli-readme")
         try:
             cli = Cli(cli_env(xdg, own.url))
+            work = tmp_path / "work"  # where `> jobs.json` and `-f jobs.json` are
+            work.mkdir()
             for line in examples:
                 argv = shlex.split(line)
                 assert argv[0] == "nats-cron"
-                result = cli(*argv[1:], stdin_devnull=True)  # python -m nats_cron_cli ...
+                redirect = None
+                if len(argv) > 2 and argv[-2] == ">":  # `nats-cron export > jobs.json`
+                    argv, redirect = argv[:-2], work / argv[-1]
+                result = cli(*argv[1:], stdin_devnull=True, cwd=work)  # python -m nats_cron_cli
                 assert result.code == 0, f"README example failed: {line}\n{result}"
                 assert "Traceback" not in result.err, str(result)
+                if redirect is not None:
+                    redirect.write_text(result.out)
             left = cli.ok("list", "--json").json()["jobs"]
             assert [j["target"]["subject"] for j in left] == ["database.cleanup"]
             assert left[0]["paused"] is False
+            # jobs as code and a partial update are among them
+            assert any(line.startswith("nats-cron export") for line in examples)
+            assert any(line.startswith("nats-cron apply -f") for line in examples)
+            assert any(line.startswith("nats-cron update ") and "-f" not in line.split()
+                       for line in examples)  # fmt: skip
         finally:
             svc.proc.stop()
     finally:
@@ -746,7 +756,7 @@ def test_permission_denied_exits_5(auth_service: Service, xdg: Path) -> None:
     reader = ["--user", "reader", "--password", "readerpw"]
 
     listed = cli.ok("list", *reader)
-    assert listed.out.strip() == "no jobs"
+    assert listed.out == "" and listed.err.strip() == "no jobs"
     assert cli.ok("status", "--json", *reader).json()["leader"]["instance_id"] == (
         auth_service.instance_id
     )
@@ -846,3 +856,291 @@ def test_selected_context_is_used_without_url_or_flag(service: Service, xdg: Pat
     # a selected context that does not exist is an error, not a silent fallback
     select_context(xdg, "gone")
     cli.fails(2, "status")
+
+
+# --- connection options as the nats CLI has them (issue 13) --------------------------------
+
+
+def test_connection_options_before_or_after_the_command(service: Service, xdg: Path) -> None:
+    cli = Cli(cli_env(xdg, None))  # no NATS_URL: only the flags say where
+    before = cli.ok("-s", service.url, "status", "--json").json()
+    after = cli.ok("status", "--json", "-s", service.url).json()
+    assert before["instance_id"] == after["instance_id"] == service.instance_id
+    cli.ok("--server", service.url, "--timeout", "2s", "list")
+    # after the command wins over before it
+    cli.ok("-s", closed_port_url(), "status", "-s", service.url)
+    dead = cli.fails(4, "-s", service.url, "status", "-s", closed_port_url())
+    assert "cannot connect" in dead.err
+
+
+def test_connection_options_are_listed_once_on_the_root(offline: Cli) -> None:
+    root = offline.ok("--help").out
+    for flag in ("--server", "--context", "--creds", "--tlsca", "--tlscert", "--tlskey",
+                 "--timeout"):  # fmt: skip
+        assert flag in root, root
+    for command in ("list", "add", "update", "serve"):
+        text = offline.ok(command, "--help").out
+        assert "--server" not in text.replace("--server/-s", ""), text
+        assert "--creds <" not in text and "--tlsca <" not in text, text
+        assert "go before or after the command" in " ".join(text.split())
+
+
+@pytest.mark.parametrize(
+    ("timeout", "seconds"), [("1", 1.0), ("1s", 1.0), ("1500ms", 1.5), ("0.5", 0.5)]
+)
+def test_timeout_takes_seconds_or_a_duration(offline: Cli, timeout: str, seconds: float) -> None:
+    with socket.socket() as listener:  # accepts TCP, never speaks NATS
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        url = f"nats://127.0.0.1:{listener.getsockname()[1]}"
+        by_flag = offline.fails(4, "status", "--server", url, "--timeout", timeout)
+        by_env = offline.fails(4, "status", "--server", url,
+                               env={**offline.env, "NATS_TIMEOUT": timeout})  # fmt: skip
+    for result in (by_flag, by_env):
+        assert f"no answer within {seconds:g}s" in result.err, str(result)
+        assert seconds * 0.9 < result.elapsed < seconds + 3, str(result)
+
+
+@pytest.mark.parametrize("timeout", ["2x", "-1s", "0s", "soon"])
+def test_a_bad_timeout_exits_2(offline: Cli, timeout: str) -> None:
+    result = offline.fails(2, "list", "--timeout", timeout)
+    assert "--timeout" in result.err
+    env_result = offline.fails(2, "list", env={**offline.env, "NATS_TIMEOUT": timeout})
+    assert "NATS_TIMEOUT" in env_result.err
+
+
+def test_nats_context_variable_and_context_files(service: Service, xdg: Path, tmp_path: Path):
+    write_context(xdg, "test", url=service.url)
+    env = cli_env(xdg, None, NATS_CONTEXT="test")
+    cli = Cli(env)
+    assert cli.ok("status", "--json").json()["instance_id"] == service.instance_id
+    cli.fails(2, "status", env={**env, "NATS_CONTEXT": "nope"})
+    # a context file by path, as `nats --context ./ctx.json`
+    path = tmp_path / "elsewhere.json"
+    path.write_text(json.dumps({"url": service.url}))
+    plain = Cli(cli_env(xdg, None))
+    assert plain.ok("--context", str(path), "status", "--json").json()["jobs"] >= 0
+
+
+def test_serve_takes_a_context(server: EmbeddedNatsServer, xdg: Path) -> None:
+    write_context(xdg, "local", url=server.url)
+    env = service_env("", "cli-ctx", XDG_CONFIG_HOME=str(xdg))
+    env["NATS_URL"] = ""
+    proc = ServeProcess("cli-ctx-a", env, args=["--context", "local"])
+    try:
+        proc.wait_for("nats-cron instance started", timeout=15)
+    finally:
+        proc.stop()
+    with_env = ServeProcess("cli-ctx-b", {**env, "NATS_CONTEXT": "local"})
+    try:
+        with_env.wait_for("nats-cron instance started", timeout=15)
+    finally:
+        with_env.stop()
+    missing = ServeProcess("cli-ctx-c", env, args=["--context", "missing"])
+    try:
+        assert missing.proc.wait(15) == 2
+    finally:
+        missing.stop()
+    assert "unknown context 'missing'" in "".join(missing.raw)
+
+
+# --- update changes only what it is told ---------------------------------------------------
+
+
+def test_update_keeps_what_it_was_not_told(cli: Cli, prefix: str) -> None:
+    subject = f"{prefix}.cleanup"
+    cli.fast_ok("add", subject, "1h", '{"table":"sessions"}', "--paused", "--jitter", "5s",
+                "--grace", "10m")  # fmt: skip
+    out = cli.ok("update", subject, "0 3 * * *", "--tz", "Europe/Berlin").out
+    assert out.strip() == f"updated {subject}"
+    job = get_job(cli, subject)
+    assert job["schedule"] == {"cron": "0 3 * * *", "timezone": "Europe/Berlin",
+                               "jitter": "5s", "grace": "10m"}  # fmt: skip
+    assert job["payload"] == {"type": "json", "data": '{"table":"sessions"}'}
+    assert job["paused"] is True and job["next_run"] is None
+
+    # an interval drops the zone (it would have no effect), keeps the rest
+    cli.ok("update", subject, "2h")
+    job = get_job(cli, subject)
+    assert job["schedule"] == {"every": "2h", "jitter": "5s", "grace": "10m"}
+    assert job["payload"]["data"] == '{"table":"sessions"}' and job["paused"] is True
+
+    # what is given changes
+    cli.ok("update", subject, "2h", "plain words", "--resumed", "--jitter", "0s")
+    job = get_job(cli, subject)
+    assert job["payload"] == {"type": "text", "data": "plain words"}
+    assert job["paused"] is False and job["next_run"] is not None
+    assert "jitter" not in job["schedule"] and job["schedule"]["grace"] == "10m"
+    # the kept data is not base64: refused by the service, nothing changed
+    cli.fails(2, "update", subject, "@every 3h", "--payload-type", "base64", "--paused")
+    cli.ok("update", subject, "@every 3h", "--paused")
+    job = get_job(cli, subject)
+    assert job["schedule"]["every"] == "3h" and job["paused"] is True
+    assert job["payload"] == {"type": "text", "data": "plain words"}
+
+
+def test_update_json_and_revision_precondition(cli: Cli, prefix: str) -> None:
+    subject = f"{prefix}.rev"
+    added = cli.ok("add", subject, "1h", "--json").json()
+    assert added["status"] == "created" and added["revision"] > 0
+    revision = get_job(cli, subject)["revision"]
+    assert revision == added["revision"]
+    assert f"revision: {revision}" in cli.ok("get", subject).out
+
+    stale = cli.fails(6, "update", subject, "2h", "--revision", str(revision - 1))
+    assert "nothing updated" in stale.err and stale.out == ""
+    assert get_job(cli, subject)["schedule"] == {"every": "1h"}
+    reply = cli.ok("update", subject, "2h", "--revision", str(revision), "--json").json()
+    assert reply["status"] == "updated" and reply["revision"] > revision
+    cli.fails(6, "update", subject, "3h", "--revision", "0")  # 0: only if new
+    cli.fails(3, "update", f"{prefix}.none", "3h", "--revision", "4")
+    created = cli.ok("update", f"{prefix}.new", "3h", "--revision", "0").out
+    assert created.strip() == f"created {prefix}.new"
+
+    # --file: a read-back document's revision is checked
+    doc = get_job(cli, subject)
+    doc["schedule"] = {"every": "4h"}
+    cli.ok("update", "-f", "-", input=json.dumps(doc))
+    conflict = cli.fails(6, "update", "-f", "-", input=json.dumps(doc))
+    assert "changed" in conflict.err
+    del doc["revision"]  # without it, the file replaces whatever is there
+    cli.ok("update", "-f", "-", input=json.dumps(doc))
+
+
+def test_update_is_redone_over_a_concurrent_writer(cli: Cli, prefix: str) -> None:
+    """Every fire of an every-1s job writes its record (a new revision each second):
+    a partial update still lands, on top of it, and keeps the payload."""
+    subject = f"{prefix}.busy"
+    cli.fast_ok("add", subject, "1s", '{"keep": true}')
+    wait_for_runs(cli, subject, 2)
+    for every in ("2s", "1s", "2s"):
+        cli.ok("update", subject, every)
+        job = get_job(cli, subject)
+        assert job["schedule"] == {"every": every}
+        assert job["payload"] == {"type": "json", "data": '{"keep": true}'}
+
+
+# --- dry runs and --json on every command that changes jobs --------------------------------
+
+
+def test_dry_run_on_every_change(cli: Cli, prefix: str, tmp_path: Path) -> None:
+    subject = f"{prefix}.dry"
+    assert cli.ok("add", subject, "1h", "--dry-run").out.strip() == f"added {subject} (dry run)"
+    cli.fails(3, "get", subject, fast=True)
+    bad = cli.fails(2, "add", subject, "1d", "--dry-run")
+    assert 'unknown unit "d"' in bad.err
+
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps({"target": {"subject": subject}, "schedule": {"every": "2h"}}))
+    assert cli.ok("create", str(path), "--dry-run", "--json").json()["dry_run"] is True
+    cli.fails(3, "get", subject, fast=True)
+
+    cli.fast_ok("add", subject, "1h")
+    before = get_job(cli, subject)
+    for args in (
+        ["update", subject, "5m", "--dry-run"],
+        ["update", "-f", str(path), "--dry-run"],
+        ["pause", subject, "--dry-run"],
+        ["trigger", subject, "--dry-run"],
+        ["delete", subject, "--dry-run"],
+        ["delete", f"{prefix}.>", "--dry-run"],
+    ):
+        result = cli.ok(*args)
+        assert "(dry run)" in result.out, str(result)
+    cli.ok("pause", subject)
+    cli.ok("resume", subject, "--dry-run")
+    assert get_job(cli, subject)["paused"] is True
+    cli.ok("resume", subject)
+    after = get_job(cli, subject)
+    assert after["schedule"] == before["schedule"]
+    assert cli.ok("history", subject, "--json").json()["runs"] == []
+    cli.fails(3, "pause", f"{prefix}.missing", "--dry-run")
+
+
+def test_json_on_every_change(cli: Cli, prefix: str, tmp_path: Path) -> None:
+    subject = f"{prefix}.js"
+    assert cli.ok("add", subject, "1h", "--json").json()["status"] == "created"
+    assert cli.ok("update", subject, "2h", "--json").json()["status"] == "updated"
+    assert cli.ok("pause", subject, "--json").json()["status"] == "paused"
+    assert cli.ok("resume", subject, "--json").json()["status"] == "resumed"
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps({"target": {"subject": f"{prefix}.c"}, "schedule": {"every": "1h"}}))
+    created = cli.ok("create", str(path), "--json").json()
+    assert created["status"] == "created" and created["subject"] == f"{prefix}.c"
+    assert cli.ok("delete", subject, "--json").json()["existed"] is True
+
+
+# --- list PATTERN, trigger --force, schedule rules -----------------------------------------
+
+
+def test_list_pattern(cli: Cli, prefix: str) -> None:
+    for name in ("r.daily", "r.weekly", "r.deep.one", "other"):
+        cli.fast_ok("add", f"{prefix}.{name}", "1h")
+    data = cli.ok("list", f"{prefix}.r.*", "--json").json()
+    assert [j["target"]["subject"] for j in data["jobs"]] == [f"{prefix}.r.daily",
+                                                             f"{prefix}.r.weekly"]  # fmt: skip
+    table = cli.ok("list", f"{prefix}.r.>").out
+    assert f"{prefix}.r.deep.one" in table and f"{prefix}.other" not in table
+    none = cli.ok("list", f"{prefix}.none.>")
+    assert none.out == "" and "no job matches" in none.err
+    cli.fails(2, "list", f"{prefix}..x")
+
+
+def test_trigger_a_paused_job(cli: Cli, prefix: str) -> None:
+    subject = f"{prefix}.suspended"
+    cli.fast_ok("add", subject, "1h", "--paused")
+    refused = cli.fails(6, "trigger", subject)
+    assert "paused" in refused.err and "--force" in refused.err
+    assert refused.out == ""
+    out = cli.ok("trigger", subject, "--force").out
+    assert out.startswith(f"triggered {subject}")
+    runs = wait_for_runs(cli, subject, 1)
+    assert runs[0]["outcome"] == "fired"
+    job = get_job(cli, subject)
+    assert job["paused"] is True and job["next_run"] is None
+
+
+def test_schedule_rules_of_the_short_form(cli: Cli, prefix: str) -> None:
+    zoned = cli.fails(2, "add", f"{prefix}.z", "30s", "--tz", "Europe/Berlin")
+    assert "schedule.timezone" in zoned.err and "no effect" in zoned.err
+    cli.ok("add", f"{prefix}.robfig", "@every 5m")
+    assert get_job(cli, f"{prefix}.robfig")["schedule"] == {"every": "5m"}
+    table = cli.ok("next", "@every 90m", "-n", "2", "--json").json()
+    assert len(table["next"]) == 2 and table["schedule"] == {"every": "90m"}
+
+
+# --- a table on an 80-column terminal -------------------------------------------------------
+
+
+def run_on_terminal(cli: Cli, *args: str, columns: int = 80) -> str:
+    """Run the CLI with stdout on a pseudo-terminal of `columns` columns; its output."""
+    main, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    env = {k: v for k, v in cli.env.items() if k != "COLUMNS"}
+    proc = subprocess.Popen([*CLI, *args], env=env, stdout=child, stderr=subprocess.PIPE)
+    os.close(child)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # the other end closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(main)
+    assert proc.wait(30) == 0, proc.stderr.read() if proc.stderr else ""
+    return re.sub(r"\x1b\[[0-9;]*m", "", b"".join(chunks).decode())
+
+
+def test_a_narrow_terminal_never_breaks_a_subject(cli: Cli, prefix: str) -> None:
+    long_subjects = [f"{prefix}.database.cleanup-of-sessions", f"{prefix}.reports.weekly-summary"]
+    for subject in long_subjects:
+        cli.fast_ok("add", subject, "0 9 * * MON-FRI", "--tz", "America/New_York")
+    cli.fast_ok("pause", long_subjects[0])
+    out = run_on_terminal(cli, "list", f"{prefix}.>")
+    lines = out.splitlines()
+    assert all(len(line) <= 80 for line in lines), out
+    for subject in long_subjects:
+        assert any(line.startswith(subject + " ") for line in lines), out
+    assert any(line.startswith("SUBJECT ") for line in lines), out

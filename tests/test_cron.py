@@ -1168,7 +1168,12 @@ def test_cron_errors(expression: str, words: list[str]) -> None:
         assert word.lower() in message.lower(), (word, message)
 
 
-@pytest.mark.parametrize(("expression", "words"), [pytest.param(e, w, id=i) for i, e, w in ERRORS])
+@pytest.mark.parametrize(
+    ("expression", "words"),
+    # `@every 1h` is no cron expression, but a job document takes it as an interval
+    # (robfig's descriptor; tests/test_spec.py).
+    [pytest.param(e, w, id=i) for i, e, w in ERRORS if i != "every-descriptor"],
+)
 def test_cron_errors_through_parse_job(expression: str, words: list[str]) -> None:
     doc = {"target": {"subject": "a.b"}, "schedule": {"cron": expression}}
     with pytest.raises(SpecError) as caught:

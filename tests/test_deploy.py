@@ -355,6 +355,12 @@ def test_compose_file_describes_the_ha_stack():
         assert published == [env["NATS_CRON_METRICS_PORT"]]
     assert len(ids) == 3
 
+    box = services["nats-box"]
+    assert re.fullmatch(r"natsio/nats-box:\d+\.\d+\.\d+", _interpolate(box["image"])), box
+    box_hosts = [u.split("//")[1].split(":")[0] for u in box["environment"]["NATS_URL"].split(",")]
+    assert sorted(box_hosts) == nodes
+    assert set(nodes) <= set(box["depends_on"]) and "ports" not in box
+
     worker = services["worker"]
     assert worker["entrypoint"][0] == "python"
     assert volume_map(worker, Path("/volumes"))[worker["entrypoint"][1]] == WORKER
@@ -452,7 +458,10 @@ VARIANTS: list[dict[str, Any]] = [
             "auth": {"type": "userPassword", "user": "cron", "password": "s3cret"},
             "tls": {"enabled": True, "secretName": "nats-client-tls", "clientCert": True},
         },
-        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
+        "metrics": {
+            "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+            "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}},
+        },
     },
     {"nats": {"auth": {"type": "creds", "creds": "-----BEGIN NATS USER JWT-----\n..."}}},
     {"nats": {"auth": {"type": "token", "existingSecret": "my-nats-token"}}},
@@ -550,6 +559,38 @@ def test_helm_chart_wires_credentials_tls_and_the_service_monitor():
     assert port_names == {"metrics"}
     assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
 
+    rule = docs["PrometheusRule"]
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["labels"]["release"] == "prometheus"
+    (group,) = rule["spec"]["groups"]
+    alerts = {r["alert"]: r for r in group["rules"]}
+    assert set(alerts) == {
+        "NatsCronNoLeader",
+        "NatsCronLoopStalls",
+        "NatsCronMissedSlots",
+        "NatsCronLateFires",
+        "NatsCronDisconnected",
+    }
+    scope = f'namespace="scheduling", service="{service["metadata"]["name"]}"'
+    served = served_metrics()
+    for name, alert in alerts.items():
+        expr = alert["expr"]
+        assert scope in expr, (name, expr)  # this release's series only
+        used = set(re.findall(r"\bnats_cron_[a-z_]+", expr))
+        assert used and used <= served, (name, used - served)
+        assert alert["labels"]["severity"] in ("critical", "warning")
+        assert alert["annotations"]["summary"]
+    assert (
+        alerts["NatsCronNoLeader"]["for"] == "1m"
+        and "absent(" in alerts["NatsCronNoLeader"]["expr"]
+    )
+    assert alerts["NatsCronLoopStalls"]["for"] == "5m"
+    assert "PrometheusRule" not in render()  # off by default
+    custom = render({"metrics": {"prometheusRule": {"enabled": True, "latenessSeconds": 2.5}}})
+    late = next(r for r in custom["PrometheusRule"]["spec"]["groups"][0]["rules"]
+                if r["alert"] == "NatsCronLateFires")  # fmt: skip
+    assert late["expr"].endswith("> 2.5")
+
     creds = render(VARIANTS[2])
     env = _env(_container(creds))
     assert env["NATS_CREDS"] == "/etc/nats-cron/auth/nats.creds"
@@ -561,6 +602,35 @@ def test_helm_chart_wires_credentials_tls_and_the_service_monitor():
     assert "Secret" not in existing  # the user's own Secret is used, not created
     token = _env(_container(existing))["NATS_TOKEN"]["secretKeyRef"]
     assert token == {"name": "my-nats-token", "key": "token"}
+
+
+def served_metrics() -> set[str]:
+    """The metric names nats-cron's /metrics serves (histograms with their series)."""
+    source = (ROOT / "nats_apscheduler" / "observe.py").read_text()
+    names = set(re.findall(r'"(nats_cron_[a-z_]+)"', source))
+    assert "nats_cron_is_leader" in names and "nats_cron_fires" in names, names
+    names |= {f"{name}_total" for name in names}
+    names |= {f"{name}_{part}" for name in names for part in ("bucket", "sum", "count")}
+    return names
+
+
+def test_grafana_dashboard_shows_served_metrics():
+    dashboard = json.loads((DEPLOY / "grafana" / "nats-cron.json").read_text())
+    assert dashboard["uid"] == "nats-cron" and dashboard["panels"]
+    variables = {v["name"] for v in dashboard["templating"]["list"]}
+    assert {"datasource", "namespace", "service"} <= variables
+    served = served_metrics()
+    titles = set()
+    for panel in dashboard["panels"]:
+        titles.add(panel["title"])
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            expr = target["expr"]
+            used = set(re.findall(r"\bnats_cron_[a-z_]+", expr))
+            assert used and used <= served, (panel["title"], used - served)
+            assert 'namespace=~"$namespace", service=~"$service"' in expr, expr
+    assert len(titles) == len(dashboard["panels"])
+    assert {"Leaders (must be 1)", "Fires by outcome", "Fire lateness"} <= titles
 
 
 def test_helm_chart_refuses_bad_values():
@@ -829,7 +899,7 @@ async def test_compose_stack_runs_on_loopback(tmp_path, processes, bucket):
             "payload": {"type": "json", "data": '{"from": "test_deploy"}'},
             "schedule": {"every": "1s"},
         }
-        assert await api.create(job) == {"status": "created"}
+        assert (await api.create(job))["status"] == "created"
         await recorder.wait(lambda fires: len(fires) >= 2, timeout=10)
     finally:
         await nc.close()

@@ -24,7 +24,7 @@ CLI_NAMES = ("cli", "nats_cron_cli")  # the folder and the installed import pack
 # modules of one rank are siblings that do not import each other).
 RANK = {
     "errors": 0,
-    "protocol": 1,
+    "protocol": 0,
     "durations": 1,
     "cron": 1,
     "_bridge": 1,
@@ -60,7 +60,8 @@ RANK = {
 # What each module may import from the package ("__init__" is `import nats_apscheduler`).
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
-    "protocol": set(),  # protocol facts (nats-py's KV constants and our own)
+    # Protocol facts: header names, error codes, the API's subjects (nats-py's KV constants).
+    "protocol": set(),
     "durations": {"errors"},
     "cron": {"errors"},
     "_bridge": {"errors"},
@@ -131,6 +132,7 @@ ALLOWED: dict[str, set[str]] = {
     # The public API re-exports from public modules only.
     "__init__": {
         "errors",
+        "protocol",
         "durations",
         "cron",
         "embedded",
@@ -148,7 +150,6 @@ ALLOWED: dict[str, set[str]] = {
         "server",
         "observe",
         "history",
-        "protocol",
     },
 }
 

@@ -63,3 +63,53 @@ def test_first_job_example_against_a_running_service(fresh_server: EmbeddedNatsS
         assert "'is_leader'" in result.stdout
     finally:
         service.stop()
+
+
+async def test_exactly_once_example_drops_a_second_fire_of_a_slot(
+    fresh_server: EmbeddedNatsServer,
+) -> None:
+    """The Guarantees section's stream: two fires of one slot (same Nats-Msg-Id, as after
+    a failover) are stored once, and the example's worker gets that one."""
+    import asyncio
+    import os
+
+    import nats
+
+    code = block_after("<!-- exactly-once-example")
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code,
+        env={**os.environ, "NATS_URL": fresh_server.url},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    nc = await nats.connect(fresh_server.url)
+    try:
+        js = nc.jetstream()
+
+        async def stream_exists() -> None:
+            while True:
+                try:
+                    await js.stream_info("JOBS")
+                    return
+                except nats.js.errors.NotFoundError:
+                    await asyncio.sleep(0.05)  # poll interval
+
+        await asyncio.wait_for(stream_exists(), 20)
+        headers = {
+            "Nats-Msg-Id": "jobs.cleanup:1767225600000",
+            "Nats-Cron-Scheduled": "2026-01-01T00:00:00.000Z",
+        }
+        for _ in range(2):  # the slot fired twice (e.g. a leader died right after firing)
+            await nc.publish("jobs.cleanup", b"work", headers=headers)
+        await nc.flush()
+        out, err = await asyncio.wait_for(worker.communicate(), 30)
+        assert worker.returncode == 0, err.decode()
+        assert out.decode().splitlines() == ["jobs.cleanup 2026-01-01T00:00:00.000Z"]
+        info = await js.stream_info("JOBS")
+        assert info.state.last_seq == 1, "the second fire of the slot was stored"
+        assert info.state.messages == 0  # acknowledged: a work queue forgets it
+    finally:
+        if worker.returncode is None:
+            worker.kill()
+            await worker.wait()
+        await nc.close()

@@ -239,6 +239,19 @@ def test_tls_with_client_certificates(certs: Path, tls_server: EmbeddedNatsServe
         assert cli("add", "tls.job", "30s", *flags).returncode == 0
         status = cli("status", "--json", *flags)
         assert status.returncode == 0 and '"instance_id": "tls-1"' in status.stdout
+        # The nats CLI's spellings, given before the command (global options).
+        nats_style = [
+            "--server",
+            url,
+            "--tlsca",
+            str(certs / "ca.pem"),
+            "--tlscert",
+            str(certs / "client.pem"),
+            "--tlskey",
+            str(certs / "client.key"),
+        ]
+        listed = cli(*nats_style, "list", "--json")
+        assert listed.returncode == 0 and '"tls.job"' in listed.stdout, listed.stderr
         # The server verifies clients: without a client certificate there is no connection.
         refused = cli(
             "status", "--server", url, "--tls-ca", str(certs / "ca.pem"), "--timeout", "3"

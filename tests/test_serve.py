@@ -70,7 +70,7 @@ async def test_one_leader_fires_with_headers(procs, api, recorder, bucket):
     leader = await ready(procs, api)
     assert sum(p.count("won the lease") for p in procs) == 1
     subject = f"{bucket}.tick"
-    assert await api.create(job(subject)) == {"status": "created"}
+    assert (await api.create(job(subject)))["status"] == "created"
     await recorder.wait(lambda fires: len(fires) >= 2)
     fire = recorder.fires[0]
     assert fire.instance == leader.instance_id

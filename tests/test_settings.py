@@ -17,6 +17,7 @@ def test_defaults() -> None:
     assert s.connection == Connection()
     assert s.connection.url == "nats://localhost:4222"
     assert s.log_level == "info"
+    assert s.log_format == "auto"  # text on a terminal, JSON lines otherwise
     assert s.instance_id == socket.gethostname()
     assert s.jobs_bucket == "nats-cron-jobs"
     assert s.leader_bucket == "nats-cron-leader"
@@ -48,6 +49,7 @@ def test_empty_values_mean_defaults() -> None:
             "NATS_CRON_MIN_INTERVAL",
             "NATS_CRON_HISTORY_DEPTH",
             "NATS_CRON_METRICS_PORT",
+            "NATS_CRON_LOG_FORMAT",
             "NATS_PASSWORD",
         )
     }
@@ -122,6 +124,7 @@ def test_go_durations(text: str, value: timedelta) -> None:
         ("NATS_CRON_METRICS_PORT", "-1", "at least 0"),
         ("LOG_LEVEL", "verbose", "debug, info, warn, error"),
         ("LOG_LEVEL", "trace", "debug, info, warn, error"),
+        ("NATS_CRON_LOG_FORMAT", "yaml", "auto, text, json"),
     ],
 )
 def test_invalid_values_name_the_variable(key: str, text: str, rule: str) -> None:
@@ -230,3 +233,10 @@ def test_redact_url_without_scheme() -> None:
     """nats-py accepts `user:pass@host:port` (it prepends nats://), so it must be redacted."""
     assert "pw" not in redact_url("alice:pw@host:4222")
     assert "pw" not in redact_url("nats://h1:4222,alice:pw@h2:4222")
+
+
+@pytest.mark.parametrize("fmt", ["text", "json", "auto", "JSON"])
+def test_log_formats(fmt: str) -> None:
+    assert Settings.from_env({"NATS_CRON_LOG_FORMAT": fmt}).log_format == fmt.lower()
+    with pytest.raises(SpecError, match="log_format"):
+        Settings(log_format="xml").validate()

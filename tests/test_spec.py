@@ -1269,3 +1269,62 @@ def test_fuzz_single_field(subject: str, kind: str, value: str, timezone_name: s
     if timezone_name is not None:
         schedule["timezone"] = timezone_name
     _check({"target": {"subject": subject}, "schedule": schedule}, timedelta(0), None)
+
+
+# --- `@every` and zones on intervals (issue 13) ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cron", "every"),
+    [("@every 5m", "5m"), ("@EVERY 90s", "90s"), ("  @every 1h30m ", "1h30m")],
+)
+def test_every_descriptor_is_an_interval(cron: str, every: str) -> None:
+    spec = parse(doc({"cron": cron}), strict=True)
+    assert spec.kind == "every" and spec.cron is None
+    assert spec.to_document()["schedule"] == {"every": every}
+    assert parse(doc({"every": every})) == spec
+
+
+@pytest.mark.parametrize("cron", ["@every", "@every 1m 2m"])
+def test_every_descriptor_needs_one_duration(cron: str) -> None:
+    error = spec_error(doc({"cron": cron}))
+    assert error.field == "schedule.cron" and "@every 5m" in error.rule
+
+
+def test_every_descriptor_obeys_the_interval_rules() -> None:
+    assert 'unknown unit "d"' in spec_error(doc({"cron": "@every 1d"})).rule
+    assert "positive" in spec_error(doc({"cron": "@every 0s"})).rule
+    low = spec_error(doc({"cron": "@every 10ms"}), min_interval=timedelta(seconds=1))
+    assert low.field == "schedule.cron" and "minimum interval" in low.rule
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        {"every": "30s", "timezone": "Europe/Berlin"},
+        {"every": "30s", "timezone": "UTC"},
+        {"cron": "@every 30s", "timezone": "Europe/Berlin"},
+    ],
+)
+def test_a_zone_on_an_interval_is_refused_when_strict(schedule: dict[str, Any]) -> None:
+    error = spec_error(doc(schedule), strict=True)
+    assert error.field == "schedule.timezone" and "no effect" in error.rule
+    # A record stored before the rule still loads (and so keeps firing).
+    assert parse(doc(schedule)).every == timedelta(seconds=30)
+
+
+def test_a_zone_prefix_on_every_descriptor_is_refused_when_strict() -> None:
+    error = spec_error(doc({"cron": "CRON_TZ=Europe/Berlin @every 5m"}), strict=True)
+    assert error.field == "schedule.cron" and "no effect" in error.rule
+    assert parse(doc({"cron": "CRON_TZ=Europe/Berlin @every 5m"})).kind == "every"
+
+
+def test_strict_keeps_zones_where_they_matter() -> None:
+    assert parse(doc({"cron": "0 9 * * *", "timezone": "Europe/Berlin"}), strict=True)
+    assert parse(doc({"cron": "TZ=Asia/Tokyo 0 9 * * *"}), strict=True).timezone == "Asia/Tokyo"
+
+
+def test_revision_is_read_only_input() -> None:
+    """A document read back with `get` carries its revision; parsing ignores it."""
+    spec = parse({**doc({"every": "1m"}), "revision": 12, "run_count": 3})
+    assert spec.to_document()["schedule"] == {"every": "1m"}

@@ -15,6 +15,9 @@ from typing import Any
 from nats_cron_cli.app import app
 from typer.testing import CliRunner
 
+from nats_apscheduler.embedded import EmbeddedNatsServer
+from tests.helpers.cluster import ServeProcess
+
 # Credential and context variables of the `nats` CLI: never let a developer's own leak in.
 CRED_VARS = (
     "NATS_CREDS",
@@ -98,6 +101,7 @@ class Cli:
         env: dict[str, str] | None = None,
         timeout: float = 30,
         fast: bool = False,
+        cwd: Path | None = None,
     ) -> Result:
         if fast:
             return self.fast(*args, input=input)
@@ -110,6 +114,7 @@ class Cli:
             capture_output=True,
             text=True,
             timeout=timeout,
+            cwd=cwd,
         )
         result = Result(
             list(args), proc.returncode, proc.stdout, proc.stderr, time.monotonic() - start
@@ -145,3 +150,33 @@ class Cli:
         assert any(line.startswith("error: ") for line in result.err.splitlines()), str(result)
         assert "Traceback" not in result.err, str(result)
         return result
+
+
+@dataclass
+class Service:
+    """A `nats-cron serve` process on a nats-server of the test module's own (the API
+    subjects are not per bucket, so two services on one server would answer each other)."""
+
+    server: EmbeddedNatsServer
+    proc: ServeProcess
+    env: dict[str, str]
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def instance_id(self) -> str:
+        return self.proc.instance_id
+
+
+def start_service(server: EmbeddedNatsServer, name: str, **extra: str) -> Service:
+    env = service_env(server.url, name, **extra)
+    proc = ServeProcess(f"{name}-a", env)
+    try:
+        proc.wait_for("nats-cron instance started", timeout=15)
+        proc.wait_for("won the lease", timeout=15)
+    except BaseException:
+        proc.stop()
+        raise
+    return Service(server, proc, env)

@@ -21,6 +21,7 @@ releases the lease, so the next leader starts where this one stopped.
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -306,6 +307,7 @@ class NatsCron:
         )
         self.term = term
         self.scheduler.term = term
+        gc.freeze()  # the agenda's entries live as long as the term (see the job store)
         term.start()
         checks = (("job watch", caught_up), ("history", history_caught_up))
         behind = [what for what, ok in checks if not ok]

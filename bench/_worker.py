@@ -475,7 +475,7 @@ async def cron(cfg: dict[str, Any]) -> dict[str, Any]:
         return int(kv.state.last_seq), int(hist.state.last_seq), int(lead.state.last_seq)
 
     kv0, h0, l0 = await seqs()
-    written0 = instance.firer.written
+    written0 = instance.metrics.fired_total()
     st0 = dict(nc.stats)
     profile = cProfile.Profile()
     c0, m0 = rusage_cpu(), time.monotonic()
@@ -484,7 +484,7 @@ async def cron(cfg: dict[str, Any]) -> dict[str, Any]:
     profile.disable()
     cpu = (rusage_cpu() - c0) / (time.monotonic() - m0)
     st1 = dict(nc.stats)
-    fires = instance.firer.written - written0
+    fires = instance.metrics.fired_total() - written0
     kv1, h1, l1 = await seqs()
     kv_writes, history, leader_writes = kv1 - kv0, h1 - h0, l1 - l0
     sent_msgs, recv_msgs = st1["out_msgs"] - st0["out_msgs"], st1["in_msgs"] - st0["in_msgs"]

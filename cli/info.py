@@ -148,6 +148,9 @@ def status(json_out: JsonOut = False, *, net: Net) -> None:
     if json_out:
         print_json(reply)
         return
+    if reply.get("shards"):
+        _shard_status(reply)
+        return
     leader = reply.get("leader") or {}
     since = leader.get("since")
     since_dt = datetime.fromisoformat(since) if since else None
@@ -171,6 +174,39 @@ def status(json_out: JsonOut = False, *, net: Net) -> None:
     )
 
 
+def _shard_status(reply: dict[str, Any]) -> None:
+    """A deployment with shards: who leads each one, with its epoch and since when."""
+    shards = reply.get("shards") or []
+    owned = [s for s in shards if s.get("owner")]
+    console.print(
+        key_values(
+            [
+                ("shards", f"{len(owned)} of {len(shards)} led"),
+                ("instances", reply.get("instances_live")),
+                ("jobs", reply.get("jobs")),
+                (
+                    "answered by",
+                    f"{reply.get('instance_id')} (version {reply.get('version')}, "
+                    f"up {int(reply.get('uptime_seconds', 0))}s)",
+                ),
+            ]
+        )
+    )
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("SHARD", "OWNER", "EPOCH", "SINCE"):
+        table.add_column(column)
+    for shard in shards:
+        since = shard.get("since")
+        since_dt = datetime.fromisoformat(since) if since else None
+        table.add_row(
+            str(shard.get("shard")),
+            shard.get("owner") or "none (election in progress)",
+            str(shard.get("epoch") or "-"),
+            f"{since} ({relative(since_dt).removesuffix(' ago')})" if since else "-",
+        )
+    console.print(table)
+
+
 @networked
 def instances(json_out: JsonOut = False, *, net: Net) -> None:
     """List every running instance (micro discovery): role, version, endpoint stats.
@@ -183,6 +219,10 @@ def instances(json_out: JsonOut = False, *, net: Net) -> None:
         stats = {s.get("id"): s for s in await api.discover("STATS")}
         status_reply = await api.status() if pings else {}
         leader = (status_reply.get("leader") or {}).get("instance_id")
+        held: dict[str, int] = {}
+        for shard in status_reply.get("shards") or []:
+            if shard.get("owner"):
+                held[shard["owner"]] = held.get(shard["owner"], 0) + 1
         out = []
         for ping in pings:
             instance_id = (ping.get("metadata") or {}).get("instance_id", "?")
@@ -190,7 +230,10 @@ def instances(json_out: JsonOut = False, *, net: Net) -> None:
             out.append(
                 {
                     "instance_id": instance_id,
-                    "role": "leader" if instance_id == leader else "follower",
+                    "role": "leader"
+                    if instance_id == leader or held.get(instance_id)
+                    else "follower",
+                    "shards": held.get(instance_id, 1 if instance_id == leader else 0),
                     "version": ping.get("version"),
                     "id": ping.get("id"),
                     "endpoints": [
@@ -205,7 +248,7 @@ def instances(json_out: JsonOut = False, *, net: Net) -> None:
                     ],
                 }
             )
-        return sorted(out, key=lambda i: (i["role"] != "leader", i["instance_id"]))
+        return sorted(out, key=lambda i: (i["role"] != "leader", -i["shards"], i["instance_id"]))
 
     found = call(net, gather)
     if not found:
@@ -214,7 +257,8 @@ def instances(json_out: JsonOut = False, *, net: Net) -> None:
         print_json({"instances": found})
         return
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("INSTANCE", "ROLE", "VERSION", "REQUESTS", "ERRORS", "BUSIEST ENDPOINT", "ID"):
+    columns = ("INSTANCE", "ROLE", "SHARDS", "VERSION", "REQUESTS", "ERRORS", "BUSIEST ENDPOINT")
+    for column in (*columns, "ID"):
         table.add_column(column)
     for item in found:
         endpoints = item["endpoints"]
@@ -222,6 +266,7 @@ def instances(json_out: JsonOut = False, *, net: Net) -> None:
         table.add_row(
             item["instance_id"],
             item["role"],
+            str(item["shards"]),
             str(item["version"]),
             str(sum(e["num_requests"] for e in endpoints)),
             str(sum(e["num_errors"] for e in endpoints)),

@@ -13,6 +13,7 @@ import typer
 from loguru import logger
 
 from nats_apscheduler import (
+    ConfigError,
     DataDirInUse,
     EmbeddedNatsServer,
     NatsCron,
@@ -79,6 +80,10 @@ def serve(
     history_depth: int | None = typer.Option(
         None, help="Runs kept per job (env NATS_CRON_HISTORY_DEPTH)."
     ),
+    shards: int | None = typer.Option(
+        None,
+        help="Shards the jobs are spread over, fixed per deployment (env NATS_CRON_SHARDS, 1).",
+    ),
     metrics_port: int | None = typer.Option(
         None,
         help="Serve /metrics, /healthz and /readyz on this port (env NATS_CRON_METRICS_PORT).",
@@ -116,6 +121,7 @@ def serve(
             grace=_duration(grace, "--grace"),
             min_interval=_duration(min_interval, "--min-interval"),
             history_depth=history_depth,
+            shards=shards,
             metrics_port=metrics_port,
             metrics_host=metrics_host,
         )
@@ -181,6 +187,10 @@ async def _run(settings: Settings) -> int:
         return 0
     if starting.exception() is not None:  # report why; the orchestrator restarts us
         exc = starting.exception()
+        if isinstance(exc, ConfigError):  # e.g. another number of shards: not transient
+            logger.error("could not start: {}", exc)
+            await cron.stop()
+            return EXIT_CONFIG
         logger.opt(exception=exc).error("could not start: {}: {}", type(exc).__name__, exc)
         await cron.stop()
         return EXIT_FATAL

@@ -14,6 +14,7 @@ from nats_apscheduler.cron import StandardCronTrigger, fire_times, parse_cron
 from nats_apscheduler.durations import format_duration, parse_duration
 from nats_apscheduler.embedded import EmbeddedNatsServer
 from nats_apscheduler.errors import (
+    ConfigError,
     DataDirInUse,
     NatsCronError,
     SpecError,
@@ -24,6 +25,7 @@ from nats_apscheduler.jobs import subject_matches
 from nats_apscheduler.logs import configure as configure_logging
 from nats_apscheduler.server import NatsCron
 from nats_apscheduler.settings import Connection, Settings, redact_url
+from nats_apscheduler.shards import shard_of
 from nats_apscheduler.spec import EveryTrigger, JobSpec, parse_job
 from nats_apscheduler.store import JetStreamJobStore
 
@@ -37,6 +39,7 @@ logger.disable("nats_apscheduler")
 
 __all__ = [
     "ApiError",
+    "ConfigError",
     "Connection",
     "CronClient",
     "DataDirInUse",
@@ -62,5 +65,6 @@ __all__ = [
     "parse_duration",
     "parse_job",
     "redact_url",
+    "shard_of",
     "subject_matches",
 ]

@@ -36,10 +36,16 @@ from nats.js.api import KeyValueConfig
 
 from nats_apscheduler._tasks import cancel_and_wait
 from nats_apscheduler._watch import KVFeed
+from nats_apscheduler.protocol import (
+    EXPECTED_LAST,
+    KV_DEL,
+    KV_MARKER_REASON,
+    KV_OP,
+    WRONG_LAST_SEQUENCE,
+    is_kv_delete,
+)
 
 LEASE_KEY = "leader"
-_EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
-_WRONG_LAST = (10071, 10164)
 
 
 @dataclass(frozen=True)
@@ -67,7 +73,11 @@ class Election:
         on_won: Callable[[int], None] | None = None,
         on_lost: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        key: str = LEASE_KEY,
+        eligible: Callable[[], bool] = lambda: True,
     ) -> None:
+        """`key`: the lease's key in the bucket (one per shard); `eligible()` is asked before
+        each attempt to win a free lease (an instance at its fair share of shards waits)."""
         if ttl < 1 or int(ttl) != ttl:
             raise ValueError("the lease TTL must be a whole number of seconds, at least 1")
         self._nc = nc
@@ -81,7 +91,9 @@ class Election:
         self._on_lost = on_lost
         self._clock = clock
         self._token = secrets.token_hex(8)  # tells two processes with one instance id apart
-        self._subject = f"$KV.{bucket}.{LEASE_KEY}"
+        self.key = key
+        self._eligible = eligible
+        self._subject = f"$KV.{bucket}.{key}"
         self._holding = False
         self._revision = 0
         self._deadline = 0.0
@@ -96,6 +108,7 @@ class Election:
         self.transitions = 0
         self.refresh_failures = 0
         self.won_at: datetime | None = None  # wall clock, for "caught up" accounting
+        self._expired = False  # the lease key's last entry was an expiry marker
 
     # --- public ------------------------------------------------------------------------------
 
@@ -111,7 +124,9 @@ class Election:
     def lease_remaining(self) -> float:
         return max(0.0, self._deadline - self._clock()) if self._holding else 0.0
 
-    async def start(self) -> None:
+    async def ensure_bucket(self) -> None:
+        """Create the leader bucket if missing (limit markers: an expired lease reaches the
+        watchers as a marker, so they campaign at once)."""
         try:
             await self._js.key_value(self.bucket)
         except nats.js.errors.BucketNotFoundError:
@@ -124,7 +139,10 @@ class Election:
                     limit_marker_ttl=max(1.0, self.ttl),
                 )
             )
-        self._feed = KVFeed(self._nc, self.bucket, LEASE_KEY)
+
+    async def start(self) -> None:
+        await self.ensure_bucket()
+        self._feed = KVFeed(self._nc, self.bucket, self.key)
         await self._feed.start()
         loop = asyncio.get_running_loop()
         self._tasks = [
@@ -143,18 +161,23 @@ class Election:
             self._feed = None
         if self._holding and release and self._nc.is_connected:
             self._lose("released")
-            try:
-                # A refresh cancelled above may have landed: delete at the key's current
-                # revision, if the lease is still ours.
-                revision, holder = await self._current()
-                if holder is not None and holder.get("token") == self._token:
-                    headers = {"KV-Operation": "DEL", _EXPECTED_LAST: str(revision)}
-                    await self._js.publish(self._subject, b"", headers=headers, timeout=2)
-                    logger.bind(instance_id=self.instance_id).info("released the lease")
-            except (nats.errors.Error, TimeoutError) as exc:
-                logger.warning("could not release the lease: {}", exc)
+            await self._delete_if_ours()
         elif self._holding:
             self._lose("stopped")
+
+    async def _delete_if_ours(self) -> bool:
+        try:
+            # A refresh in flight may have landed: delete at the key's current revision, if
+            # the lease is still ours.
+            revision, holder = await self._current()
+            if holder is not None and holder.get("token") == self._token:
+                headers = {KV_OP: KV_DEL, EXPECTED_LAST: str(revision)}
+                await self._js.publish(self._subject, b"", headers=headers, timeout=2)
+                logger.bind(instance_id=self.instance_id, key=self.key).info("released the lease")
+                return True
+        except (nats.errors.Error, TimeoutError) as exc:
+            logger.warning("could not release the lease: {}", str(exc) or type(exc).__name__)
+        return False
 
     def connection_lost(self) -> None:
         """Call from the connection's disconnected callback: pause at once."""
@@ -169,6 +192,18 @@ class Election:
         """Stop leading now (the leader found it cannot go on); the campaign goes on."""
         if self._holding:
             self._lose(reason)
+        self._changed.set()
+
+    async def release(self) -> bool:
+        """Hand the lease over at once (a clean handover: call it after the holder stored its
+        progress); the campaign goes on, as `eligible()` allows. True if it was released."""
+        if not self._holding or not self._nc.is_connected:
+            return False
+        self._lose("released")
+        return await self._delete_if_ours()
+
+    def nudge(self) -> None:
+        """Look at the lease again now (eligibility may have changed)."""
         self._changed.set()
 
     # --- internals ------------------------------------------------------------------------------
@@ -230,7 +265,7 @@ class Election:
         ).encode()
 
     async def _put(self, value: bytes, last: int, timeout: float) -> int:
-        headers = {_EXPECTED_LAST: str(last)}
+        headers = {EXPECTED_LAST: str(last)}
         ack = await self._js.publish(
             self._subject, value, headers=headers, msg_ttl=self.ttl, timeout=timeout
         )
@@ -248,12 +283,17 @@ class Election:
         self._note_leader(last, holder)
         if holder is not None and holder.get("token") != self._token:
             return  # someone else holds it
+        if holder is None and not self._expired and not self._eligible():
+            # Released cleanly to another instance that has less than its share. (An
+            # expired lease, its holder dead or cut off, is taken by whoever is first: its
+            # shard must not wait until the others see that instance gone.)
+            return
         sent = self._clock()
         self.since = _now()
         try:
             revision = await self._put(self._value(None), last, timeout=self.ttl / 3)
         except nats.js.errors.APIError as exc:
-            if exc.err_code in _WRONG_LAST:
+            if exc.err_code in WRONG_LAST_SEQUENCE:
                 return  # lost the race
             raise
         except (nats.errors.Error, TimeoutError) as exc:
@@ -269,7 +309,8 @@ class Election:
             return 0, None
         headers = msg.headers or {}
         revision = int(msg.seq or 0)
-        if headers.get("KV-Operation") in ("DEL", "PURGE") or "Nats-Marker-Reason" in headers:
+        self._expired = KV_MARKER_REASON in headers
+        if is_kv_delete(headers):
             return revision, None
         return revision, _decode(msg.data)
 
@@ -280,7 +321,7 @@ class Election:
             revision = await self._put(self._value(self.epoch), self._revision, timeout)
         except nats.js.errors.APIError as exc:
             self.refresh_failures += 1
-            if exc.err_code in _WRONG_LAST:
+            if exc.err_code in WRONG_LAST_SEQUENCE:
                 self._lose("lease taken over or expired")
                 return
             logger.warning("lease refresh failed: {}", exc)
@@ -314,7 +355,9 @@ class Election:
         self._set_deadline(sent + self.ttl - self.margin)
         self.leader = LeaderInfo(self.instance_id, self.since or _now(), revision)
         self.transitions += 1
-        logger.bind(instance_id=self.instance_id, epoch=revision).info("won the lease")
+        logger.bind(instance_id=self.instance_id, epoch=revision, key=self.key).info(
+            "won the lease"
+        )
         if self._on_won is not None:
             self._on_won(revision)
 
@@ -328,7 +371,7 @@ class Election:
             self._expiry = None
         self.transitions += 1
         level = "INFO" if reason == "released" else "WARNING"
-        logger.bind(instance_id=self.instance_id, epoch=self.epoch).log(
+        logger.bind(instance_id=self.instance_id, epoch=self.epoch, key=self.key).log(
             level, "lost the lease: {}", reason
         )
         if self._on_lost is not None:

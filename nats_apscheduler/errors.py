@@ -2,6 +2,7 @@
 
     NatsCronError
     ├── SpecError            a job document or schedule is invalid (field + rule)
+    │   └── ConfigError      a setting is invalid, or contradicts the deployment's
     ├── StoreError           the JetStream job store could not do what was asked
     │   ├── RecordError      a KV record cannot be decoded or names a forbidden function
     │   └── WriteConflict    a compare-and-set write lost against another writer
@@ -51,3 +52,7 @@ class NotLeaderError(NatsCronError):
 
 class DataDirInUse(NatsCronError, RuntimeError):
     """Another embedded nats-server (or one whose parent died) uses this data directory."""
+
+
+class ConfigError(SpecError):
+    """A setting is invalid or contradicts the deployment (e.g. its number of shards)."""

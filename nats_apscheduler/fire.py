@@ -3,10 +3,11 @@ batch of them to the socket, behind the fence.
 
 `Firer.write(fires, skips)` builds every fire of a slice (one HPUB each, with
 `Nats-Msg-Id`, `Nats-Cron-Job`, `Nats-Cron-Scheduled`, `Nats-Cron-Instance`,
-`Nats-Cron-Epoch`) and every history record, checks the fence, and writes them all in
-one socket write, with no await between the check and the write (see `_wire`). Run state
-and metrics follow the write. Its collaborators are typed ports: a `Fence`, the `Wire`, the
-`History` subjects, the `RunStates`, and a `FireObserver` (the metrics).
+`Nats-Cron-Epoch`, `Nats-Cron-Shard`) and every history record, checks the fence, and
+writes them all in one socket write, with no await between the check and the write (see
+`_wire`). Run state and metrics follow the write. Its collaborators are typed ports: a
+`Fence`, the `Wire`, the `History` subjects, the `RunStates`, and a `FireObserver` (the
+metrics).
 
 A job document names what to publish; `FirePlan` is that, read once per stored version of
 the document (`Plans`).
@@ -40,6 +41,7 @@ H_JOB = "Nats-Cron-Job"
 H_SCHEDULED = "Nats-Cron-Scheduled"
 H_INSTANCE = "Nats-Cron-Instance"
 H_EPOCH = "Nats-Cron-Epoch"
+H_SHARD = "Nats-Cron-Shard"
 
 
 async def fire(**kwargs: Any) -> None:
@@ -191,8 +193,10 @@ class Firer:
         history: History | None,
         states: RunStates,
         observer: FireObserver | None = None,
+        shard: int = 0,
     ) -> None:
         self._wire = wire
+        self.shard = shard
         self._fence = fence
         self.instance_id = instance_id
         self._history = history
@@ -221,7 +225,10 @@ class Firer:
             return True
         epoch = self.epoch
         # The headers every fire of this write shares, closing the header block.
-        tail = f"{H_INSTANCE}: {self._instance_header}\r\n{H_EPOCH}: {epoch}\r\n\r\n"
+        tail = (
+            f"{H_INSTANCE}: {self._instance_header}\r\n{H_EPOCH}: {epoch}\r\n"
+            f"{H_SHARD}: {self.shard}\r\n\r\n"
+        )
         actual = datetime.now(UTC)
         actual_text = rfc3339(actual)
         actual_ts = actual.timestamp()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,6 +117,8 @@ class RunStates:
         self._states: dict[str, RunState] = {}
         self._feed: Feed | None = None
         self._skipped = 0
+        #: Records of these job subjects are not applied (this instance writes them itself).
+        self.ignore: Callable[[str], bool] = lambda subject: False
 
     def get(self, subject: str) -> RunState | None:
         return self._states.get(subject)
@@ -165,6 +168,8 @@ class RunStates:
             if entry is None:
                 if not loaded.done():
                     loaded.set_result(None)
+                return
+            if self.ignore(entry.key):
                 return
             try:
                 record = json.loads(entry.value or b"")

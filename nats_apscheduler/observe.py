@@ -46,6 +46,9 @@ class State:
     loop_lag: Callable[[], float] = lambda: 0.0
     loop_lag_recent: Callable[[], float] = lambda: 0.0
     loop_lags: Callable[[], tuple[list[int], float]] = lambda: ([0] * (len(LAG_BUCKETS) + 1), 0.0)
+    shards_held: Callable[[], int] = lambda: 0
+    handovers: Callable[[], int] = lambda: 0
+    unconfirmed: Callable[[], int] = lambda: 0
 
 
 class _StateCollector(Collector):
@@ -65,6 +68,19 @@ class _StateCollector(Collector):
             "nats_cron_lease_refresh_failures", "Failed lease refreshes", s.refresh_failures()
         )
         yield GaugeMetricFamily("nats_cron_nats_connected", "1 if connected", s.connected())
+        yield GaugeMetricFamily(
+            "nats_cron_shards_held", "Shards this instance leads", s.shards_held()
+        )
+        yield CounterMetricFamily(
+            "nats_cron_handovers",
+            "Shards this instance handed over cleanly to balance the load",
+            s.handovers(),
+        )
+        yield CounterMetricFamily(
+            "nats_cron_unconfirmed_fires",
+            "Fires not confirmed by a stored progress mark when a term ended (fired again)",
+            s.unconfirmed(),
+        )
         yield GaugeMetricFamily(
             "nats_cron_loop_lag_max_seconds",
             "Longest delay of the event loop seen since start (a stall blocks fires and lease)",
@@ -143,11 +159,6 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._counts = _FireCounts()
         self.registry.register(self._counts)
-        self.unconfirmed = Counter(
-            "nats_cron_unconfirmed_fires",
-            "Fires not confirmed by a stored progress mark when a term ended (fired again)",
-            registry=self.registry,
-        )
         self.api_requests = Counter(
             "nats_cron_api_requests",
             "API requests by endpoint and reply code",
@@ -168,8 +179,9 @@ class Metrics:
     def on_missed(self, subject: str, count: int = 1) -> None:
         self._counts.missed[subject] += count
 
-    def on_unconfirmed(self, count: int) -> None:
-        self.unconfirmed.inc(count)
+    def fired_total(self) -> int:
+        """Fires counted so far (every outcome)."""
+        return sum(self._counts.fires.values())
 
     def on_request(self, endpoint: str, code: int) -> None:
         self.api_requests.labels(endpoint, str(code)).inc()

@@ -1,5 +1,6 @@
-"""`BatchScheduler`: APScheduler's asyncio scheduler, processing due jobs through a leader's
-`Term` in bounded slices instead of APScheduler's job-by-job `_process_jobs`.
+"""`BatchScheduler`: APScheduler's asyncio scheduler, processing due jobs through the terms of
+the shards this instance leads, in bounded slices, instead of APScheduler's job-by-job
+`_process_jobs`.
 
 APScheduler keeps what it does well here: the timer on the event loop (`wakeup`, the
 wait until the next due job), `pause`/`resume` (the election adapter's switch), and the
@@ -19,17 +20,34 @@ from nats_apscheduler.term import Term
 
 
 class BatchScheduler(AsyncIOScheduler):  # type: ignore[misc]
-    """Runs while this instance leads (resumed), paused otherwise; see the module docstring."""
+    """Works through the due jobs of every term it holds (one per shard this instance
+    leads), a slice of each per call; idle without terms. See the module docstring."""
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        self.term: Term | None = None
+        self.terms: dict[int, Term] = {}
+
+    @property
+    def term(self) -> Term | None:
+        """The term of shard 0 (the only one of a deployment without shards)."""
+        return self.terms.get(0)
+
+    def add_term(self, shard: int, term: Term) -> None:
+        self.terms[shard] = term
+        self.wakeup()
+
+    def remove_term(self, shard: int) -> None:
+        self.terms.pop(shard, None)
 
     def _process_jobs(self) -> float | None:
-        term = self.term
-        if self.state == STATE_PAUSED or term is None:
+        if self.state == STATE_PAUSED or not self.terms:
             return None
-        return term.process()
+        wait: float | None = None
+        for term in list(self.terms.values()):
+            due = term.process()
+            if due is not None and (wait is None or due < wait):
+                wait = due
+        return wait
 
     # APScheduler's timer calls `wakeup`, which goes through `call_soon_threadsafe` (a
     # self-pipe write and read, and an extra turn of the loop, per wake). On the loop's own

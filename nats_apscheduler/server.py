@@ -10,18 +10,15 @@
     ...
     await cron.stop()
 
-Leadership, as the election adapter sees it: every instance runs a paused
-`BatchScheduler` on the job store. On winning the lease, an instance catches its copy of
-the jobs and of the run history up with KV, reads the last progress mark, claims it with
-its epoch, builds a `Term` from it and resumes the scheduler; on losing the lease it
-pauses at once and follows the history again. A clean stop stores a final mark before it
-releases the lease, so the next leader starts where this one stopped.
+Every instance runs a `BatchScheduler` on the job store; `Leadership` (the election adapter)
+hands it a `Term` for each shard whose lease this instance wins and takes it back when the
+lease is lost. A clean stop stores each term's final progress mark before it releases the
+leases, so the next leaders start where this one stopped.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -38,11 +35,11 @@ from nats_apscheduler.agenda import display_next
 from nats_apscheduler.connection import connect
 from nats_apscheduler.election import Election
 from nats_apscheduler.errors import NatsCronError
-from nats_apscheduler.fire import FIRE_REF, Firer, rfc3339
+from nats_apscheduler.fire import FIRE_REF, rfc3339
 from nats_apscheduler.history import History, RunState, RunStates
 from nats_apscheduler.jobs import JOBSTORE, JobManager, Limits
+from nats_apscheduler.leadership import Leadership
 from nats_apscheduler.observe import HttpEndpoint, LoopMonitor, Metrics, State
-from nats_apscheduler.progress import MarkTakenOver, Progress, Stored
 from nats_apscheduler.scheduler import BatchScheduler
 from nats_apscheduler.service import SERVICE_NAME, CronService
 from nats_apscheduler.settings import Settings
@@ -59,7 +56,6 @@ _RECONNECT_ATTEMPTS = 480
 # stream is retried for this long.
 _PROVISION_RETRY_S = 30.0
 _PLACEMENT_ERRORS = (10005,)
-_CLAIM_ATTEMPTS = 3
 
 
 class NatsCron:
@@ -76,13 +72,10 @@ class NatsCron:
         self._background: set[asyncio.Task[Any]] = set()
         self.started_at: datetime | None = None
         self._started_mono = 0.0
-        self.term: Term | None = None
         self.store: JetStreamJobStore
-        self.election: Election
+        self.leadership: Leadership
         self.scheduler: BatchScheduler
         self.wire: Wire
-        self.progress: Progress
-        self.firer: Firer
         self.history: History
         self.states: RunStates
         self.jobs: JobManager
@@ -95,6 +88,16 @@ class NatsCron:
     def nc(self) -> Client:
         assert self._nc is not None
         return self._nc
+
+    @property
+    def election(self) -> Election:
+        """The lease of shard 0 (the only one of a deployment without shards)."""
+        return self.leadership.elections[0]
+
+    @property
+    def term(self) -> Term | None:
+        """This instance's term of shard 0, while it leads that shard."""
+        return self.leadership.terms.get(0)
 
     async def start(self) -> None:
         s = self.settings
@@ -124,42 +127,44 @@ class NatsCron:
         await _provision(self.history.ensure, "the history stream")
         self.states = RunStates(self.history)
         await self.states.follow(nc)
-        self.election = Election(
-            nc,
-            s.leader_bucket,
-            s.instance_id,
-            s.lease_ttl.total_seconds(),
-            replicas=s.replicas,
-            on_won=self._on_won,
-            on_lost=self._on_lost,
-        )
+        self.scheduler = BatchScheduler(timezone=UTC)
         self.loop_monitor = LoopMonitor()
         self.metrics = Metrics(
             State(
-                is_leader=self.election.is_leader_now,
+                is_leader=lambda: self.leadership.is_leading(),
                 jobs=self.store.count,
-                leader_changes=lambda: self.election.transitions,
-                refresh_failures=lambda: self.election.refresh_failures,
+                leader_changes=lambda: self.leadership.transitions,
+                refresh_failures=lambda: self.leadership.refresh_failures,
                 connected=lambda: nc.is_connected,
                 ready=self._ready,
                 loop_lag=lambda: self.loop_monitor.longest,
                 loop_lag_recent=self.loop_monitor.recent,
                 loop_lags=lambda: (self.loop_monitor.counts, self.loop_monitor.total),
+                shards_held=lambda: len(self.leadership.held()),
+                handovers=lambda: self.leadership.handovers,
+                unconfirmed=lambda: self.leadership.unconfirmed,
             )
         )
-        self.progress = Progress(nc, s.leader_bucket, self.wire)
-        await self.progress.start()
-        self.firer = Firer(
-            self.wire,
-            self.election,
+        self.leadership = Leadership(
+            nc,
+            s.leader_bucket,
             s.instance_id,
-            self.history,
+            s.lease_ttl.total_seconds(),
+            s.shards,
+            s.replicas,
+            self.store,
+            self.scheduler,
             self.states,
-            observer=self.metrics,
+            self.history,
+            self.wire,
+            self.metrics,
+            catch_up=self.store.catch_up,
         )
-        self.scheduler = BatchScheduler(timezone=UTC)
+        if s.shards > 1:
+            # Other shards' leaders write their run state: follow it, but not our own.
+            self.states.ignore = self.leadership.owns
         self.scheduler.add_jobstore(self.store, JOBSTORE)
-        self.scheduler.start(paused=True)
+        self.scheduler.start()  # idle until Leadership hands it a term
         self.store.on_change = self._on_job_change
         self.jobs = JobManager(
             self.scheduler,
@@ -184,38 +189,28 @@ class NatsCron:
             await self.http.start()
         self.started_at = datetime.now(UTC)
         self._started_mono = time.monotonic()
-        await _provision(self.election.start, "the leader bucket")
-        log.bind(jobs=self.jobs.count(), bucket=s.jobs_bucket).info("nats-cron instance started")
+        await _provision(self.leadership.start, "the leader bucket")
+        log.bind(jobs=self.jobs.count(), bucket=s.jobs_bucket, shards=s.shards).info(
+            "nats-cron instance started"
+        )
 
     async def stop(self) -> None:
-        """Stop firing, store the final progress mark, hand the lease over."""
+        """Stop firing, store the final progress marks, hand the leases over."""
         if self._stopped:
             return
         self._stopped = True
         log = logger.bind(instance_id=self.settings.instance_id)
-        if hasattr(self, "scheduler") and self.scheduler.running:
-            self.scheduler.pause()
-        for task in self._background:  # a term that had not started firing yet
+        for task in self._background:
             task.cancel()
-        term, self.term = self.term, None
-        if term is not None:
-            self.scheduler.term = None
-            if not await term.finish(timeout=2.0):
-                log.warning(
-                    "stopping without a final progress mark: the next leader "
-                    "fires the last slots again"
-                )
+        if hasattr(self, "leadership"):
+            await self.leadership.stop()
         if hasattr(self, "store"):
             try:
                 await asyncio.wait_for(self.store.aflush(), 5)
             except TimeoutError:
                 log.warning("stopping with unwritten job changes")
-        if hasattr(self, "election"):
-            await self.election.stop(release=True)
         if hasattr(self, "service"):
             await self.service.stop()
-        if hasattr(self, "progress"):
-            await self.progress.stop()
         if hasattr(self, "states"):
             await self.states.pause()
         if hasattr(self, "loop_monitor"):
@@ -239,16 +234,26 @@ class NatsCron:
         return self.fatal_reason or "fatal error"
 
     def _ready(self) -> bool:
-        return not self._stopped and self.store.loaded and self.election.running
+        return not self._stopped and self.store.loaded and self.leadership.running
 
     def status(self) -> dict[str, Any]:
-        leader = self.election.leader
+        shards = self.settings.shards
+        leader = self.election.leader if shards == 1 else None
+        extra: dict[str, Any] = {}
+        if shards > 1:
+            extra = {
+                "shards": self.leadership.shard_table(),
+                "shards_held": self.leadership.held(),
+                "instances_live": self.leadership.members.count(),
+            }
         return {
             "service": SERVICE_NAME,
             "version": self.version,
             "instance_id": self.settings.instance_id,
-            "is_leader": self.election.is_leader_now(),
+            "is_leader": self.leadership.is_leading(),
             "leader": leader.to_dict() if leader else None,
+            "shard_count": shards,
+            **extra,
             "jobs": self.jobs.count(),
             "skipped_records": len(self.store.skipped_records()),
             "started_at": rfc3339(self.started_at) if self.started_at else None,
@@ -259,7 +264,7 @@ class NatsCron:
     # --- RunView (what `get` and `list` report besides the record) -------------------------------
 
     def next_run(self, job: Job, now: datetime) -> datetime | None:
-        term = self.term
+        term = self.leadership.term_for(job.id)
         if term is not None and job.next_run_time is not None:
             return term.next_slot(job.id, now)
         return display_next(job, now)
@@ -272,98 +277,8 @@ class NatsCron:
     def _on_job_change(self, job_id: str, job: Job | None) -> None:
         if job is None:
             self.states.drop(job_id)
-        term = self.term
-        if term is not None and term.changed(job_id, job) and self.scheduler.running:
+        if self.leadership.changed(job_id, job):
             self.scheduler.wakeup()
-
-    def _on_won(self, epoch: int) -> None:
-        task = asyncio.get_running_loop().create_task(self._lead(epoch))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _lead(self, epoch: int) -> None:
-        """Start a term: fire only from copies of the jobs and the history that hold what KV
-        holds now (bounded by the lease TTL: past it, firing late beats not firing)."""
-        ttl = self.settings.lease_ttl.total_seconds()
-        log = logger.bind(instance_id=self.settings.instance_id, epoch=epoch)
-        caught_up = await self.store.catch_up(timeout=ttl)
-        history_caught_up = await self.states.catch_up(timeout=ttl)
-        stored = await self._claim(epoch, ttl)
-        if stored is None or self.election.epoch != epoch or not self.election.is_leader_now():
-            if stored is None and self.election.epoch == epoch:
-                self.election.step_down("could not read or claim the progress mark")
-            return  # lost the lease meanwhile
-        await self.states.pause()
-        term = Term(
-            epoch,
-            self.settings.instance_id,
-            self.store,
-            self.firer,
-            self.progress,
-            self.election.is_leader_now,
-            stored.mark,
-            self.election.won_at or datetime.now(UTC),
-            on_deposed=self.election.step_down,
-        )
-        self.term = term
-        self.scheduler.term = term
-        gc.freeze()  # the agenda's entries live as long as the term (see the job store)
-        term.start()
-        checks = (("job watch", caught_up), ("history", history_caught_up))
-        behind = [what for what, ok in checks if not ok]
-        if stored.mark is not None:
-            log = log.bind(handled=rfc3339(stored.mark.handled))
-        log.info(f"leading: firing ({', '.join(behind)} behind)" if behind else "leading: firing")
-        if self.scheduler.running:
-            self.scheduler.resume()
-
-    async def _claim(self, epoch: int, timeout: float) -> Stored | None:
-        """Read the progress mark and write it back with our epoch, so that a deposed
-        leader's late mark can no longer land; None if that failed."""
-        for _ in range(_CLAIM_ATTEMPTS):
-            try:
-                stored = await asyncio.wait_for(self.progress.read(), timeout)
-            except (nats.errors.Error, TimeoutError) as exc:
-                logger.warning(
-                    "reading the progress mark failed: {}", str(exc) or type(exc).__name__
-                )
-                return None
-            self.progress.revision = stored.revision
-            if stored.mark is None:
-                return stored
-            try:
-                if await self.progress.write(
-                    stored.mark, epoch, self.settings.instance_id, self.election.is_leader_now
-                ):
-                    return stored
-                return None
-            except MarkTakenOver:
-                continue  # a late write of the previous leader: read it again
-        return None
-
-    def _on_lost(self, reason: str) -> None:
-        log = logger.bind(instance_id=self.settings.instance_id)
-        if reason == "released":
-            log.info("following: released the lease")
-        else:
-            log.warning("following: {}", reason)
-        if self.scheduler.running:
-            self.scheduler.pause()
-        term, self.term = self.term, None
-        self.scheduler.term = None
-        if term is not None:
-            unconfirmed = term.stop()
-            if unconfirmed:
-                self.metrics.on_unconfirmed(unconfirmed)
-                log.bind(epoch=term.epoch).warning(
-                    "{} fire(s) since the last progress mark are not confirmed: the next "
-                    "leader fires those slots again",
-                    unconfirmed,
-                )
-        if not self._stopped:
-            task = asyncio.get_running_loop().create_task(self.states.follow(self.nc))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
 
     async def _on_disconnected(self) -> None:
         if self._stopped:
@@ -371,13 +286,13 @@ class NatsCron:
         logger.bind(instance_id=self.settings.instance_id).warning("NATS connection lost")
         if hasattr(self, "wire"):
             self.wire.connection_lost()
-        if hasattr(self, "election"):
-            self.election.connection_lost()
+        if hasattr(self, "leadership"):
+            self.leadership.connection_lost()
 
     async def _on_reconnected(self) -> None:
         logger.bind(instance_id=self.settings.instance_id).info("NATS connection restored")
-        if hasattr(self, "election"):
-            self.election.connection_restored()
+        if hasattr(self, "leadership"):
+            self.leadership.connection_restored()
 
     async def _on_closed(self) -> None:
         self._fail("NATS connection closed for good")

@@ -17,6 +17,7 @@ from typing import Any
 from nats_apscheduler.durations import parse_duration
 from nats_apscheduler.errors import SpecError
 
+MAX_SHARDS = 1024
 LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
 # "auto": text on a terminal, JSON lines otherwise (resolved by the application).
 LOG_FORMATS = ("auto", "text", "json")
@@ -123,6 +124,7 @@ class Settings:
     grace: timedelta = timedelta(hours=1)
     min_interval: timedelta = timedelta(seconds=1)
     history_depth: int = 100
+    shards: int = 1  # fixed per deployment (recorded in the leader bucket)
     metrics_port: int | None = None  # None: no metrics/health endpoint
     metrics_host: str = "0.0.0.0"
 
@@ -150,6 +152,7 @@ class Settings:
             grace=_duration(environ, "NATS_CRON_GRACE", cls.grace),
             min_interval=_duration(environ, "NATS_CRON_MIN_INTERVAL", cls.min_interval),
             history_depth=_int(environ, "NATS_CRON_HISTORY_DEPTH", 100),
+            shards=_int(environ, "NATS_CRON_SHARDS", 1),
             metrics_port=_int(environ, "NATS_CRON_METRICS_PORT", 0, low=0) if metrics else None,
             metrics_host=environ.get("NATS_CRON_METRICS_HOST") or cls.metrics_host,
         )
@@ -165,4 +168,6 @@ class Settings:
             raise SpecError("lease_ttl", "must be at least 1s (the server's per-key TTL minimum)")
         if self.lease_ttl % timedelta(seconds=1):
             raise SpecError("lease_ttl", "must be whole seconds (the server's per-key TTL unit)")
+        if not 1 <= self.shards <= MAX_SHARDS:
+            raise SpecError("shards", f"must be from 1 to {MAX_SHARDS}")
         return self

@@ -30,6 +30,7 @@ from nats_apscheduler.agenda import Agenda, Entry, Mark, resolve
 from nats_apscheduler.errors import SpecError
 from nats_apscheduler.fire import Fire, Firer, Plans, Skip, rfc3339
 from nats_apscheduler.progress import MarkTakenOver, Progress
+from nats_apscheduler.shards import shard_of
 
 SLICE_JOBS = 2000
 SLICE_SECONDS = 0.005
@@ -68,7 +69,10 @@ class Term:
         slice_jobs: int = SLICE_JOBS,
         slice_seconds: float = SLICE_SECONDS,
         mark_interval: float = MARK_INTERVAL,
+        shard: int = 0,
+        shards: int = 1,
     ) -> None:
+        """A term of shard `shard` of `shards`: its agenda holds that shard's jobs only."""
         self.epoch = epoch
         self.instance_id = instance_id
         self._store = store
@@ -82,7 +86,11 @@ class Term:
         self._mark_interval = mark_interval
         self.plans = Plans()
         self.agenda = Agenda(delay=self.plans.delay)
-        self.agenda.build(store.records(), mark, store.revision)
+        self.shard = shard
+        records = store.records()
+        if shards > 1:
+            records = [r for r in records if shard_of(r[0], shards) == shard]
+        self.agenda.build(records, mark, store.revision)
         self.processed: Mark | None = mark  #: newest (handled, applied) reached
         self.stored: Mark | None = mark  #: newest mark known to be in KV
         self._finished: list[tuple[datetime, Job]] = []  # jobs with no slot left

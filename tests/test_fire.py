@@ -214,6 +214,7 @@ async def test_fire_publishes_headers_and_json_payload(
         "Nats-Cron-Scheduled": "2030-01-02T03:04:05.678Z",
         "Nats-Cron-Instance": "inst-1",
         "Nats-Cron-Epoch": "42",
+        "Nats-Cron-Shard": "0",
     }
 
 

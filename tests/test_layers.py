@@ -50,11 +50,13 @@ RANK = {
     "fire": 4,
     "store": 4,
     "term": 5,
+    "shards": 3,
     "jobs": 5,
     "scheduler": 6,
     "service": 6,
-    "server": 7,
-    "__init__": 8,  # the public API: re-exports only
+    "leadership": 7,
+    "server": 8,
+    "__init__": 9,  # the public API: re-exports only
 }
 
 # What each module may import from the package ("__init__" is `import nats_apscheduler`).
@@ -103,9 +105,24 @@ ALLOWED: dict[str, set[str]] = {
         "_writeback",
     },
     # A leader's term: the agenda, the fires and the progress mark; the store through a port.
-    "term": {"errors", "_tasks", "agenda", "fire", "progress", "history", "spec"},
+    "term": {"errors", "_tasks", "agenda", "fire", "progress", "history", "spec", "shards"},
     "jobs": {"errors", "durations", "cron", "spec", "store", "fire", "history", "agenda"},
     "scheduler": {"term"},
+    # Which lease covers which jobs, who is alive, the fair share: knows nothing of firing.
+    "shards": {"errors", "_tasks", "_watch", "protocol"},
+    # The election adapter: leases won and lost become terms on the scheduler.
+    "leadership": {
+        "errors",
+        "_tasks",
+        "_wire",
+        "election",
+        "fire",
+        "history",
+        "progress",
+        "scheduler",
+        "shards",
+        "term",
+    },
     # The API talks to the jobs manager, never to the store (KV) directly.
     "service": {"errors", "durations", "spec", "fire", "jobs", "history", "protocol"},
     # The composition root; settings are read at the entry points and passed down.
@@ -122,7 +139,7 @@ ALLOWED: dict[str, set[str]] = {
         "election",
         "fire",
         "history",
-        "progress",
+        "leadership",
         "term",
         "scheduler",
         "jobs",
@@ -149,6 +166,7 @@ ALLOWED: dict[str, set[str]] = {
         "service",
         "server",
         "observe",
+        "shards",
         "history",
     },
 }

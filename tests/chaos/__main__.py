@@ -39,6 +39,7 @@ async def _main(args: argparse.Namespace) -> list[Report]:
             fault_every=args.fault_every,
             jobs=args.jobs,
             seed=args.seed,
+            shards=args.shards,
         )
         log = (lambda line: print(line, file=sys.stderr)) if args.json else print
         report = await run_chaos(config, workdir, log)
@@ -59,6 +60,7 @@ def main() -> int:
     parser.add_argument("--fault-every", type=float, default=10.0)
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--shards", type=int, default=1, help="NATS_CRON_SHARDS of the instances")
     parser.add_argument("--json", action="store_true", help="print the reports as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the work directories")
     args = parser.parse_args()

@@ -83,6 +83,7 @@ class Seen:
     instance: str
     at: float  # wall clock, seconds
     source: str = "core"  # which observer: "core<node>" or "stream"
+    shard: int = 0
 
 
 @dataclass
@@ -92,6 +93,9 @@ class Fault:
     start: float  # wall clock
     end: float = 0.0
     old_epoch: int = 0
+    # With shards: the target instance's shards and their epochs when the fault began;
+    # recovery is then the first fire of a newer epoch in every one of them.
+    old_epochs: dict[int, int] = field(default_factory=dict)
     recovered_after: float | None = None  # fault start -> first fire of a newer epoch
     note: str = ""
 

@@ -8,7 +8,7 @@ one core subscriber per node (connected to that node only) and a capture stream;
 control connection asks the API and reads the stream back (see `analysis`).
 
 Faults, cycled in this order, each aimed at the current leader (asked through the API
-and confirmed by the fires arriving from it):
+and confirmed by the fires arriving from it; with shards, the instance leading the most):
 
 - kill_leader: SIGKILL; a fresh process takes its place a few seconds later.
 - stop_leader: SIGSTOP for longer than the lease TTL, then SIGCONT.
@@ -70,6 +70,7 @@ class ChaosConfig:
     jobs: int = 100
     settle: float = 8.0  # quiet time after the last fault before the cut-off
     lease_ttl: int = 2
+    shards: int = 1  # > 1: faults hit the instance leading the most shards
     kill_restart_after: float = 3.0
     freeze: float = 4.0  # > lease TTL: the frozen leader must lose its lease
     cut: float = 3.0
@@ -112,6 +113,7 @@ class ChaosRun:
         self.api: CronClient | None = None
         self.core: list[Seen] = []
         self.malformed = 0
+        self._target_epochs: dict[int, int] = {}  # with shards: the target's shards
         self.stale_status: list[str] = []  # API replies naming a leader older than the fires
         self.faults: list[Fault] = []
         self.problems: list[str] = []
@@ -173,6 +175,7 @@ class ChaosRun:
             "NATS_CRON_HISTORY_STREAM": f"CHAOS_H_{self.run_id}",
             "NATS_CRON_REPLICAS": str(replicas),
             "NATS_CRON_LEASE_TTL": f"{cfg.lease_ttl}s",
+            "NATS_CRON_SHARDS": str(cfg.shards),
             "LOG_LEVEL": "info",
         }
         for slot in range(INSTANCES):
@@ -417,8 +420,23 @@ class ChaosRun:
                     f"{leader.instance_id} did not reconnect within 15s after its cut ended"
                 )
 
+    @staticmethod
+    def _busiest(shards: list[dict[str, object]]) -> tuple[str | None, int, dict[int, int]]:
+        """The instance leading the most shards: its name, the highest epoch among them,
+        and each of its shards' epoch."""
+        held = Counter(str(s["owner"]) for s in shards if s.get("owner"))
+        if not held:
+            return None, 0, {}
+        name = held.most_common(1)[0][0]
+        epochs = {
+            int(str(s["shard"])): int(str(s["epoch"])) for s in shards if s.get("owner") == name
+        }
+        return name, max(epochs.values()), epochs
+
     def _begin(self, kind: str, target: str, epoch: int) -> Fault:
         fault = Fault(kind, target, time.time(), old_epoch=epoch)
+        if self._target_epochs:
+            fault.old_epochs = dict(self._target_epochs)
         self.faults.append(fault)
         return fault
 
@@ -431,15 +449,20 @@ class ChaosRun:
         fault.end = time.time()
 
     async def _recovery(self, fault: Fault) -> None:
-        """Wait for the first fire of an epoch newer than the one the fault hit."""
+        """Wait for the first fire of an epoch newer than the one the fault hit (with shards:
+        in every shard the target led)."""
         index = len(self.core)
         deadline = time.monotonic() + self.cfg.recovery_timeout
+        waiting = dict(fault.old_epochs) or {-1: fault.old_epoch}
         while time.monotonic() < deadline + self._extra(fault):
             upto = len(self.core)
             for seen in self.core[index:upto]:
-                if seen.epoch > fault.old_epoch:
-                    fault.recovered_after = round(seen.at - fault.start, 3)
-                    return
+                key = seen.shard if fault.old_epochs else -1
+                if key in waiting and seen.epoch > waiting[key]:
+                    del waiting[key]
+                    if not waiting:
+                        fault.recovered_after = round(seen.at - fault.start, 3)
+                        return
             index = upto
             await asyncio.sleep(0.02)
         self.problems.append(
@@ -497,6 +520,8 @@ class ChaosRun:
                 continue
             leader = status.get("leader") or {}
             name, epoch = leader.get("instance_id"), int(leader.get("epoch") or 0)
+            if status.get("shards"):
+                name, epoch, self._target_epochs = self._busiest(status["shards"])
             instance = next(
                 (i for i in self.current.values() if i.instance_id == name and i.alive()), None
             )
@@ -512,6 +537,12 @@ class ChaosRun:
             elif latest is None:
                 return instance, epoch  # nothing fires yet: the API's word is all we have
             elif (
+                self._target_epochs
+                and any(
+                    seen.instance == name and time.time() - seen.at < 1.0
+                    for seen in self.core[-50:]
+                )
+            ) or (
                 latest.instance == name and latest.epoch == epoch and time.time() - latest.at < 1.0
             ):
                 return instance, epoch
@@ -633,6 +664,7 @@ def _parse(msg: Msg, at: float, source: str) -> Seen | None:
         headers.get("Nats-Cron-Instance", ""),
         at,
         source,
+        int(headers.get("Nats-Cron-Shard", "0")),
     )
 
 

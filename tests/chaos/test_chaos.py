@@ -19,10 +19,11 @@ from tests.chaos.harness import KINDS, ChaosConfig, run_chaos
 
 @pytest.mark.chaos
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("topology", ["single", "cluster"])
-async def test_chaos_short(topology: str, tmp_path: Path) -> None:
-    # Faults at 2, 10, 18 and 26 s: one of each kind, then 8 s to settle.
-    config = ChaosConfig(topology=topology, seconds=32, fault_every=8)
+@pytest.mark.parametrize(("topology", "shards"), [("single", 1), ("cluster", 1), ("single", 12)])
+async def test_chaos_short(topology: str, shards: int, tmp_path: Path) -> None:
+    # Faults at 2, 10, 18 and 26 s: one of each kind, then 8 s to settle. With shards, each
+    # fault hits the instance leading the most of them.
+    config = ChaosConfig(topology=topology, seconds=32, fault_every=8, shards=shards)
     workdir = tmp_path / "chaos"
     report = await run_chaos(config, workdir)
     table = report.table()

@@ -103,6 +103,7 @@ class Fire:
     scheduled: datetime
     received: float  # time.time()
     data: bytes
+    shard: int = 0
 
 
 @dataclass
@@ -125,6 +126,7 @@ class FireRecorder:
             scheduled=datetime.fromisoformat(headers["Nats-Cron-Scheduled"]),
             received=time.time(),
             data=msg.data,
+            shard=int(headers.get("Nats-Cron-Shard", "0")),
         )
         async with self._changed:
             self.fires.append(fire)

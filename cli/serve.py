@@ -84,12 +84,19 @@ def serve(
         None,
         help="Shards the jobs are spread over, fixed per deployment (env NATS_CRON_SHARDS, 1).",
     ),
-    metrics_port: int | None = typer.Option(
+    http_port: int | None = typer.Option(
         None,
-        help="Serve /metrics, /healthz and /readyz on this port (env NATS_CRON_METRICS_PORT).",
+        help="Serve the dashboard, its API, /metrics, /healthz and /readyz on this port "
+        "(env NATS_CRON_HTTP_PORT; 0: any free port). Token: env NATS_CRON_HTTP_TOKEN.",
+    ),
+    http_host: str | None = typer.Option(
+        None, help="Address of the HTTP listener (env NATS_CRON_HTTP_HOST, default 127.0.0.1)."
+    ),
+    metrics_port: int | None = typer.Option(
+        None, help="The same as --http-port (its former name; env NATS_CRON_METRICS_PORT)."
     ),
     metrics_host: str | None = typer.Option(
-        None, help="Address of the metrics endpoint (env NATS_CRON_METRICS_HOST, default 0.0.0.0)."
+        None, help="The same as --http-host (its former name; env NATS_CRON_METRICS_HOST)."
     ),
     embedded: bool = typer.Option(
         False, "--embedded", help="Start a local nats-server with JetStream too."
@@ -122,6 +129,8 @@ def serve(
             min_interval=_duration(min_interval, "--min-interval"),
             history_depth=history_depth,
             shards=shards,
+            http_port=http_port,
+            http_host=http_host,
             metrics_port=metrics_port,
             metrics_host=metrics_host,
         )

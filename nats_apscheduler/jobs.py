@@ -28,6 +28,7 @@ from apscheduler.schedulers.base import BaseScheduler
 from loguru import logger
 
 from nats_apscheduler.agenda import display_next
+from nats_apscheduler.cron import fire_times
 from nats_apscheduler.errors import NatsCronError, SpecError, StoreError, WriteConflict
 from nats_apscheduler.fire import FIRE_REF, rfc3339
 from nats_apscheduler.history import History, RunState
@@ -145,6 +146,13 @@ class JobManager:
 
     def count(self) -> int:
         return self._store.count()
+
+    def next_times(
+        self, subject: str, count: int, now: datetime | None = None
+    ) -> Sequence[datetime]:
+        """The next `count` slots of the job's schedule after `now`, from its stored
+        trigger (which holds an `every` job's phase), paused or not: for previews."""
+        return fire_times(self._job(subject).trigger, now or datetime.now(UTC), count)
 
     def revision(self, subject: str) -> int:
         """The KV revision of the job's last stored change (0: no such job stored)."""

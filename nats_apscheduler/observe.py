@@ -2,10 +2,10 @@
 
 `Metrics` owns a registry per instance (so several instances can share a process, as in
 tests). Event counts are recorded as they happen; state (leadership, jobs, lease refresh
-failures) is read at scrape time through callables. `HttpEndpoint` serves `/metrics`,
-`/healthz` (the event loop answers and NATS is connected) and `/readyz` (the store is
-loaded and the election runs) from the instance's own event loop: if the loop hangs, the
-probes fail, which is what an orchestrator should see.
+failures) is read at scrape time through callables. `web.HttpListener` serves them on
+`/metrics`, with `/healthz` (the event loop answers and NATS is connected) and `/readyz`
+(the store is loaded and the election runs), from the instance's own event loop: if the
+loop hangs, the probes fail, which is what an orchestrator should see.
 """
 
 from __future__ import annotations
@@ -13,13 +13,11 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
-import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from loguru import logger
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -230,64 +228,3 @@ class LoopMonitor:
                 self._recent.append((now, lag))
                 while self._recent and self._recent[0][0] < now - self.window:
                     self._recent.popleft()
-
-
-class HttpEndpoint:
-    """A minimal HTTP/1.1 server on the instance's loop: /metrics, /healthz, /readyz."""
-
-    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
-        self._metrics = metrics
-        self.host = host
-        self.port = port
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-        logger.info("metrics and health on http://{}:{}/metrics", self.host, self.port)
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readline(), 5)
-            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
-                pass  # headers are not needed
-            parts = request.decode("latin-1").split()
-            path = parts[1].split("?")[0] if len(parts) >= 2 else ""
-            status, body, kind = await self._route(path)
-            head = (
-                f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-            )
-            writer.write(head.encode() + body)
-            await writer.drain()
-        except (TimeoutError, ConnectionError, UnicodeDecodeError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-
-    async def _route(self, path: str) -> tuple[str, bytes, str]:
-        state = self._metrics.state
-        text = "text/plain; charset=utf-8"
-        if path == "/metrics":
-            # Off the loop: with 30,000 jobs an exposition takes ~0.3 s of Python, which on
-            # the loop would hold the fires and the lease refresh (a thread shares the GIL,
-            # but gives it back to the loop every 5 ms). Collectors read dicts atomically.
-            body = await asyncio.to_thread(self._metrics.exposition)
-            return "200 OK", body, "text/plain; version=0.0.4; charset=utf-8"
-        if path == "/healthz":
-            if state.connected():
-                return "200 OK", b"ok\n", text
-            return "503 Service Unavailable", b"NATS connection lost\n", text
-        if path == "/readyz":
-            if state.connected() and state.ready():
-                return "200 OK", b"ready\n", text
-            return "503 Service Unavailable", b"not ready\n", text
-        return "404 Not Found", b"not found\n", text

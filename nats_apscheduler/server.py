@@ -32,6 +32,7 @@ from nats.aio.client import Client
 
 from nats_apscheduler._wire import Wire
 from nats_apscheduler.agenda import display_next
+from nats_apscheduler.client import CronClient
 from nats_apscheduler.connection import connect
 from nats_apscheduler.election import Election
 from nats_apscheduler.errors import NatsCronError
@@ -39,12 +40,14 @@ from nats_apscheduler.fire import FIRE_REF, rfc3339
 from nats_apscheduler.history import History, RunState, RunStates
 from nats_apscheduler.jobs import JOBSTORE, JobManager, Limits
 from nats_apscheduler.leadership import Leadership
-from nats_apscheduler.observe import HttpEndpoint, LoopMonitor, Metrics, State
+from nats_apscheduler.observe import LoopMonitor, Metrics, State
 from nats_apscheduler.scheduler import BatchScheduler
 from nats_apscheduler.service import SERVICE_NAME, CronService
 from nats_apscheduler.settings import Settings
 from nats_apscheduler.store import JetStreamJobStore
 from nats_apscheduler.term import Term
+from nats_apscheduler.web import HttpListener
+from nats_apscheduler.webapi import PREVIEW_PATH, WebApi
 
 # Reconnect quickly (nats-py waits 2 s between tries to one server, which made recovery
 # from a NATS restart take ~4 s), for the same ~2 minutes before giving up and exiting.
@@ -82,7 +85,7 @@ class NatsCron:
         self.service: CronService
         self.metrics: Metrics
         self.loop_monitor: LoopMonitor
-        self.http: HttpEndpoint | None = None
+        self.http: HttpListener | None = None
 
     @property
     def nc(self) -> Client:
@@ -184,8 +187,16 @@ class NatsCron:
         )
         await self.service.start()
         self.loop_monitor.start()
-        if s.metrics_port is not None:
-            self.http = HttpEndpoint(self.metrics, s.metrics_host, s.metrics_port)
+        if s.listen_port is not None:
+            api = WebApi(self.jobs, self.service, self.metrics, CronClient(nc).discover)
+            self.http = HttpListener(
+                self.metrics,
+                s.listen_host,
+                s.listen_port,
+                token=s.http_token,
+                routes=api.routes(),
+                open_posts=[PREVIEW_PATH],
+            )
             await self.http.start()
         self.started_at = datetime.now(UTC)
         self._started_mono = time.monotonic()

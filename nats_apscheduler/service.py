@@ -67,7 +67,7 @@ class ApiError(Exception):
         self.message = message
 
 
-def _parse_json(data: bytes, required: bool) -> Any:
+def parse_json(data: bytes, required: bool) -> Any:
     if not data.strip():
         if required:
             raise ApiError(400, "request body: a JSON object is required")
@@ -148,7 +148,16 @@ class CronService:
                 queue_group=QUEUE_GROUP,
             ),
         )
-        routes: list[tuple[str, str, Handler, bool]] = [
+        for name, subject, handler, needs_body in self._routes():
+            await self._service.add_endpoint(
+                EndpointConfig(
+                    name=name, subject=subject, handler=self._wrap(name, handler, needs_body)
+                )
+            )
+
+    def _routes(self) -> list[tuple[str, str, Handler, bool]]:
+        """(endpoint name, subject, handler, whether a body is required)."""
+        return [
             ("list", protocol.LIST, self._list, False),
             ("get", protocol.GET, self._get, True),
             ("create", protocol.CREATE, self._create, True),
@@ -162,12 +171,15 @@ class CronService:
             ("apply", protocol.APPLY, self._apply, True),
             ("status", protocol.STATUS, self._status_of, False),
         ]
-        for name, subject, handler, needs_body in routes:
-            await self._service.add_endpoint(
-                EndpointConfig(
-                    name=name, subject=subject, handler=self._wrap(name, handler, needs_body)
-                )
-            )
+
+    async def handle(self, endpoint: str, body: Any, call: Call) -> dict[str, Any] | bytes:
+        """One request that came through another door (the HTTP API of `webapi`): the
+        same handler as over NATS, so the same validation, reply, change log line and
+        change event. Errors are raised; `classify` turns them into the API's codes."""
+        for name, _, handler, _ in self._routes():
+            if name == endpoint:
+                return await handler(body, call)
+        raise ApiError(404, f"no endpoint {endpoint!r}")
 
     async def stop(self) -> None:
         if self._service is not None:
@@ -182,12 +194,12 @@ class CronService:
             code = 200
             try:
                 call = Call.of(request.headers)
-                body = _parse_json(request.data, needs_body)
+                body = parse_json(request.data, needs_body)
                 reply = await handler(body, call)
                 data = reply if isinstance(reply, bytes) else json.dumps(reply).encode()
                 await request.respond(data)
             except Exception as exc:  # every failure becomes a reply, never a crash
-                code, message = _classify(exc)
+                code, message = classify(exc)
                 if code >= 500:
                     logger.bind(endpoint=name).opt(exception=exc).error(
                         "request failed: {}", message
@@ -390,7 +402,7 @@ class CronService:
         return status
 
 
-def _classify(exc: Exception) -> tuple[int, str]:
+def classify(exc: Exception) -> tuple[int, str]:
     if isinstance(exc, ApiError):
         return exc.code, exc.message
     if isinstance(exc, SpecError):

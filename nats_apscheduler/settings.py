@@ -15,9 +15,12 @@ from datetime import timedelta
 from typing import Any
 
 from nats_apscheduler.durations import parse_duration
-from nats_apscheduler.errors import SpecError
+from nats_apscheduler.errors import ConfigError, SpecError
 
 MAX_SHARDS = 1024
+# The HTTP listener (dashboard, its API, /metrics, probes) binds here unless configured:
+# reachable from this machine only, since the dashboard can change jobs.
+DEFAULT_HTTP_HOST = "127.0.0.1"
 LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
 # "auto": text on a terminal, JSON lines otherwise (resolved by the application).
 LOG_FORMATS = ("auto", "text", "json")
@@ -125,8 +128,13 @@ class Settings:
     min_interval: timedelta = timedelta(seconds=1)
     history_depth: int = 100
     shards: int = 1  # fixed per deployment (recorded in the leader bucket)
-    metrics_port: int | None = None  # None: no metrics/health endpoint
-    metrics_host: str = "0.0.0.0"
+    # One HTTP listener: the dashboard and its API, /metrics, /healthz, /readyz. None: off.
+    http_port: int | None = None
+    http_host: str | None = None  # None: DEFAULT_HTTP_HOST (see `listen_host`)
+    http_token: str | None = field(default=None, repr=False)  # changes need it (Bearer)
+    # The same listener under its former names (NATS_CRON_METRICS_PORT/HOST); see `listen_port`.
+    metrics_port: int | None = None
+    metrics_host: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -134,6 +142,7 @@ class Settings:
         if level not in LOG_LEVELS:
             raise SpecError("LOG_LEVEL", f"{level!r} is not one of debug, info, warn, error")
         metrics = environ.get("NATS_CRON_METRICS_PORT")
+        http = environ.get("NATS_CRON_HTTP_PORT")
         log_format = (environ.get("NATS_CRON_LOG_FORMAT") or "auto").lower()
         if log_format not in LOG_FORMATS:
             raise SpecError(
@@ -153,9 +162,23 @@ class Settings:
             min_interval=_duration(environ, "NATS_CRON_MIN_INTERVAL", cls.min_interval),
             history_depth=_int(environ, "NATS_CRON_HISTORY_DEPTH", 100),
             shards=_int(environ, "NATS_CRON_SHARDS", 1),
+            http_port=_int(environ, "NATS_CRON_HTTP_PORT", 0, low=0) if http else None,
+            http_host=environ.get("NATS_CRON_HTTP_HOST") or None,
+            http_token=environ.get("NATS_CRON_HTTP_TOKEN") or None,
             metrics_port=_int(environ, "NATS_CRON_METRICS_PORT", 0, low=0) if metrics else None,
-            metrics_host=environ.get("NATS_CRON_METRICS_HOST") or cls.metrics_host,
+            metrics_host=environ.get("NATS_CRON_METRICS_HOST") or None,
         )
+
+    @property
+    def listen_port(self) -> int | None:
+        """The HTTP listener's port (`http_port`, or its former name `metrics_port`); None:
+        no listener. 0: any free port."""
+        return self.http_port if self.http_port is not None else self.metrics_port
+
+    @property
+    def listen_host(self) -> str:
+        """The HTTP listener's address: `http_host`, or `metrics_host`, else 127.0.0.1."""
+        return self.http_host or self.metrics_host or DEFAULT_HTTP_HOST
 
     def override(self, **changes: Any) -> Settings:
         """A copy with the given non-None fields replaced (flags over environment)."""
@@ -170,4 +193,32 @@ class Settings:
             raise SpecError("lease_ttl", "must be whole seconds (the server's per-key TTL unit)")
         if not 1 <= self.shards <= MAX_SHARDS:
             raise SpecError("shards", f"must be from 1 to {MAX_SHARDS}")
+        self._validate_http()
         return self
+
+    def _validate_http(self) -> None:
+        """The listener has two names (the metrics port came first): both may be given
+        only if they agree."""
+        for name, value in (("http_port", self.http_port), ("metrics_port", self.metrics_port)):
+            if value is not None and not 0 <= value <= 65535:
+                raise ConfigError(name, f"{value} is not a TCP port (0 to 65535; 0: any free one)")
+        pairs = (
+            ("port", self.http_port, self.metrics_port),
+            ("host", self.http_host, self.metrics_host),
+        )
+        for what, new, old in pairs:
+            if new is not None and old is not None and new != old:
+                raise ConfigError(
+                    f"http_{what}",
+                    f"NATS_CRON_HTTP_{what.upper()} (--http-{what}) {new} and "
+                    f"NATS_CRON_METRICS_{what.upper()} (--metrics-{what}) {old} differ: one "
+                    "listener serves the dashboard, the metrics and the probes; set one of them",
+                )
+        token = self.http_token
+        if token is not None and (
+            not token or not all(33 <= ord(c) <= 126 for c in token)  # an HTTP header value
+        ):
+            raise ConfigError(
+                "NATS_CRON_HTTP_TOKEN",
+                "must be printable ASCII without spaces (it travels in an Authorization header)",
+            )

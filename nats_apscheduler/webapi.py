@@ -104,8 +104,8 @@ def _times(times: Sequence[datetime], zone: str) -> list[dict[str, str]]:
     tz = ZoneInfo(zone)
     return [
         {
-            "utc": t.astimezone(UTC).isoformat().replace("+00:00", "Z"),
-            "local": t.astimezone(tz).isoformat(),
+            "utc": t.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "local": t.astimezone(tz).isoformat(timespec="milliseconds"),
         }
         for t in times
     ]

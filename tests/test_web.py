@@ -46,10 +46,16 @@ def open_instance(server: EmbeddedNatsServer) -> Iterator[tuple[ServeProcess, in
 
 
 @pytest.fixture(scope="module")
-def token_instance(server: EmbeddedNatsServer) -> Iterator[tuple[ServeProcess, int]]:
-    proc, port = start_serve("web-token", server.url, NATS_CRON_HTTP_TOKEN=TOKEN)
-    yield proc, port
+def token_instance(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[ServeProcess, int, str]]:
+    """A serve with a token, on a NATS server of its own (the NATS API answers from any
+    instance on a server): the process, its HTTP port, its server's URL."""
+    token_server = EmbeddedNatsServer(tmp_path_factory.mktemp("web-token-js")).start()
+    proc, port = start_serve("web-token", token_server.url, NATS_CRON_HTTP_TOKEN=TOKEN)
+    yield proc, port, token_server.url
     proc.stop()
+    token_server.stop()
 
 
 @pytest.fixture
@@ -504,8 +510,16 @@ async def test_changes_from_another_site_or_name_are_refused(
         assert (await http.get("/api/status", headers={"Host": host})).status == 200
 
 
-async def test_the_token(token_instance: tuple[ServeProcess, int], nc: Client) -> None:
-    proc, port = token_instance
+async def test_the_token(token_instance: tuple[ServeProcess, int, str]) -> None:
+    proc, port, url = token_instance
+    nc = await nats.connect(url)
+    try:
+        await refused_without_the_token(proc, port, nc)
+    finally:
+        await nc.close()
+
+
+async def refused_without_the_token(proc: ServeProcess, port: int, nc: Client) -> None:
     async with Http(port) as http:
         changes: list[tuple[str, str, Any]] = [
             ("POST", "/api/jobs", job("tok.one")),

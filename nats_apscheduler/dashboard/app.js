@@ -101,7 +101,7 @@ async function api(method, path, body) {
     }
     if (response.ok) return data;
     const message = (data && data.error) || `${response.status} ${response.statusText}`;
-    if (response.status === 401 && attempt === 0) {
+    if (response.status === 401 && attempt < 3) { // ask, and ask again if refused
       if (token) sessionStorage.removeItem(TOKEN_KEY); // refused: ask again
       const given = await askToken(token ? "That token was refused." : "");
       if (given) {

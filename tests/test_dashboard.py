@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import re
+import struct
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -20,7 +24,7 @@ from playwright.async_api import expect
 from nats_apscheduler.client import ApiError, CronClient
 from nats_apscheduler.embedded import EmbeddedNatsServer
 from tests.helpers.cluster import FireRecorder, ServeProcess
-from tests.helpers.web import browser_page, chromium, start_serve, unexpected
+from tests.helpers.web import browser_page, chromium, repo_root, start_serve, unexpected
 
 TOKEN = "browser-token-4711"
 WAIT_MS = 10_000  # Playwright's waits, in milliseconds
@@ -327,3 +331,23 @@ async def test_the_cluster_page(instance: str) -> None:
         assert "nats_cron_is_leader" in text and "leader" in text
         assert "changes_subject" in text  # every key of the status, shown
     assert unexpected(problems) == []
+
+
+async def test_the_screenshot_script_makes_every_picture(tmp_path: Path) -> None:
+    """docs/screenshots.py (which makes the README's pictures) runs: its own server, two
+    instances, a browser, six PNGs of the right size."""
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, str(repo_root() / "docs" / "screenshots.py"), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name, width in (("dashboard-jobs.png", 1280), ("dashboard-phone.png", 390)):
+        head = (tmp_path / name).read_bytes()[:24]
+        assert head[:8] == b"\x89PNG\r\n\x1a\n"
+        assert struct.unpack(">I", head[16:20])[0] == width
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(
+        p.name for p in (repo_root() / "docs").glob("dashboard-*.png")
+    )

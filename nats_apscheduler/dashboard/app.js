@@ -461,7 +461,8 @@ function timesTable(times, zone, note) {
   if (!times || !times.length) return h("p", { class: "muted" }, "It never fires again.");
   const rows = times.map((t, i) => h("tr", {},
     h("td", {}, i + 1), h("td", {}, utc(t.utc)),
-    zone !== "UTC" ? h("td", {}, t.local.replace("T", " ")) : null));
+    zone !== "UTC" ? h("td", {}, t.local.replace("T", " ").replace(/\.000(?=[+-]|Z)/, ""))
+      : null));
   return h("div", {}, note ? h("p", { class: "muted" }, note) : null,
     h("table", { class: "times" },
       h("thead", {}, h("tr", {}, h("th", {}, "#"), h("th", {}, "UTC"),

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import pytest
 
-from nats_apscheduler.errors import SpecError
+from nats_apscheduler.errors import ConfigError, SpecError
 from nats_apscheduler.settings import Connection, Settings, redact_url
 
 
@@ -240,3 +240,52 @@ def test_log_formats(fmt: str) -> None:
     assert Settings.from_env({"NATS_CRON_LOG_FORMAT": fmt}).log_format == fmt.lower()
     with pytest.raises(SpecError, match="log_format"):
         Settings(log_format="xml").validate()
+
+
+def test_the_http_listener_settings() -> None:
+    s = Settings.from_env({})
+    assert (s.listen_port, s.listen_host, s.http_token) == (None, "127.0.0.1", None)
+    s = Settings.from_env(
+        {
+            "NATS_CRON_HTTP_PORT": "8080",
+            "NATS_CRON_HTTP_HOST": "0.0.0.0",
+            "NATS_CRON_HTTP_TOKEN": "t0k",
+        }
+    ).validate()
+    assert (s.listen_port, s.listen_host, s.http_token) == (8080, "0.0.0.0", "t0k")
+    assert "t0k" not in repr(s)  # never in a log line that prints the settings
+    # The former names are the same listener, with the same default address.
+    old = Settings.from_env({"NATS_CRON_METRICS_PORT": "9090"}).validate()
+    assert (old.listen_port, old.listen_host) == (9090, "127.0.0.1")
+    both = Settings.from_env(
+        {
+            "NATS_CRON_METRICS_PORT": "9090",
+            "NATS_CRON_HTTP_PORT": "9090",
+            "NATS_CRON_METRICS_HOST": "::",
+            "NATS_CRON_HTTP_HOST": "::",
+        }
+    ).validate()
+    assert (both.listen_port, both.listen_host) == (9090, "::")
+    assert Settings.from_env({"NATS_CRON_HTTP_PORT": "0"}).listen_port == 0
+    flags = Settings.from_env({"NATS_CRON_METRICS_HOST": "0.0.0.0"}).override(http_host="10.0.0.1")
+    with pytest.raises(ConfigError, match="differ: one listener"):
+        flags.validate()
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"NATS_CRON_HTTP_PORT": "8080", "NATS_CRON_METRICS_PORT": "9090"}, "8080 and"),
+        ({"NATS_CRON_HTTP_HOST": "::1", "NATS_CRON_METRICS_HOST": "0.0.0.0"}, "differ"),
+        ({"NATS_CRON_HTTP_PORT": "70000"}, "not a TCP port"),
+        ({"NATS_CRON_HTTP_PORT": "-1"}, "at least 0"),
+        ({"NATS_CRON_HTTP_PORT": "http"}, "not a whole number"),
+        ({"NATS_CRON_HTTP_TOKEN": "has space"}, "printable ASCII"),
+        ({"NATS_CRON_HTTP_TOKEN": "tök"}, "printable ASCII"),
+    ],
+)
+def test_bad_http_listener_settings(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SpecError, match=message) as caught:
+        Settings.from_env(env).validate()
+    token = env.get("NATS_CRON_HTTP_TOKEN")
+    assert token is None or token not in str(caught.value)

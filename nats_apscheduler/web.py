@@ -37,6 +37,8 @@ CSP = (
     "frame-ancestors 'none'"
 )
 _SAFE_METHODS = frozenset({"GET", "HEAD"})
+# Read by monitoring, which may name the listener as it likes; they show no job.
+_MONITORING = frozenset({"/metrics", "/healthz", "/readyz"})
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost"})
 _TEXT = "text/plain"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -114,7 +116,7 @@ class HttpListener:
         logger.bind(
             host=self.host, port=self.port, token=self._token is not None, read_only=self.read_only
         ).info(
-            "dashboard, API, metrics and health on http://{}:{}/{}",
+            "metrics and health on http://{0}:{1}/metrics, dashboard on http://{0}:{1}/{2}",
             shown,
             self.port,
             " (read-only: no NATS_CRON_HTTP_TOKEN)" if self.read_only else "",
@@ -152,7 +154,7 @@ class HttpListener:
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         host = request.headers.get("Host")
-        if self.loopback and host is not None:
+        if self.loopback and host is not None and request.path not in _MONITORING:
             name = _host_name(host)
             if name is None or not (is_loopback(name) or name == self.host):
                 return error(
@@ -172,7 +174,7 @@ class HttpListener:
             if not self._authorized(request):
                 logger.bind(
                     path=request.path, method=request.method, requester_host=request.remote
-                ).info("change refused: no valid token")
+                ).warning("change refused: no valid token")  # rate-limited by the sink
                 return error(
                     401,
                     "this change needs the dashboard's token: Authorization: Bearer <token> "
@@ -201,23 +203,32 @@ class HttpListener:
         # loop would hold the fires and the lease refresh (a thread shares the GIL, but
         # gives it back to the loop every 5 ms). Collectors read dicts atomically.
         body = await asyncio.to_thread(self._metrics.exposition)
-        return web.Response(
-            body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+        return _closing(
+            web.Response(
+                body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+            )
         )
 
     async def _healthz(self, request: web.Request) -> web.Response:
         if self._metrics.state.connected():
-            return web.Response(text="ok\n", content_type=_TEXT)
-        return web.Response(text="NATS connection lost\n", status=503, content_type=_TEXT)
+            return _closing(web.Response(text="ok\n", content_type=_TEXT))
+        return _closing(web.Response(text="NATS connection lost\n", status=503, content_type=_TEXT))
 
     async def _readyz(self, request: web.Request) -> web.Response:
         state = self._metrics.state
         if state.connected() and state.ready():
-            return web.Response(text="ready\n", content_type=_TEXT)
-        return web.Response(text="not ready\n", status=503, content_type=_TEXT)
+            return _closing(web.Response(text="ready\n", content_type=_TEXT))
+        return _closing(web.Response(text="not ready\n", status=503, content_type=_TEXT))
 
     async def _index(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(DASHBOARD / "index.html")
+
+
+def _closing(response: web.Response) -> web.Response:
+    """Monitoring answers close their connection, as the endpoint before this one did
+    (clients that read to the end of the stream, like `HEALTHCHECK` scripts, rely on it)."""
+    response.force_close()
+    return response
 
 
 def _host_name(host: str) -> str | None:

@@ -508,6 +508,23 @@ async def test_changes_from_another_site_or_name_are_refused(
     assert "loopback" in rebound.json()["error"]
     for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"):
         assert (await http.get("/api/status", headers={"Host": host})).status == 200
+    # Monitoring may name the listener as it likes: metrics and probes show no job.
+    for path in ("/metrics", "/healthz", "/readyz"):
+        assert (await http.get(path, headers={"Host": "prometheus.internal"})).status == 200
+
+
+async def test_monitoring_answers_close_their_connection(
+    open_instance: tuple[ServeProcess, int],
+) -> None:
+    """As the endpoint before the dashboard did: a client reading to the end of the
+    stream (a HEALTHCHECK script, a raw scraper) gets its answer and an end."""
+    port = open_instance[1]
+    for path in ("/metrics", "/healthz", "/readyz"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        body = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        assert body.startswith(b"HTTP/1.1 200") and b"Connection: close" in body
 
 
 async def test_the_token(token_instance: tuple[ServeProcess, int, str]) -> None:

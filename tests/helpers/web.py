@@ -20,7 +20,7 @@ from multidict import CIMultiDict
 from tests.helpers.cli_run import service_env
 from tests.helpers.cluster import ServeProcess
 
-LISTENING = "dashboard, API, metrics and health on"
+LISTENING = "metrics and health on"
 # Chromium on a closed network: without the background-networking flags it keeps trying
 # to reach Google's services and its connections are refused.
 CHROMIUM_ARGS = [

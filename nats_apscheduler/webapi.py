@@ -304,9 +304,10 @@ class WebApi:
             raise ApiError(400, "request body: must be a JSON object (a job document)")
         body = dict(body)
         named = _subject_in(body)
-        if named is None:
-            body["target"] = {**(body.get("target") or {}), "subject": subject}
-        elif named != subject:
+        target = body.get("target")
+        if named is None and (target is None or isinstance(target, dict)):
+            body["target"] = {**(target or {}), "subject": subject}
+        elif named is not None and named != subject:
             raise ApiError(
                 400, f"target.subject: {named!r} is not the subject of this URL ({subject!r})"
             )

@@ -39,6 +39,9 @@ def test_the_wheel_holds_the_licence_types_and_metadata(wheel: Path) -> None:
         assert "MIT License" in archive.read(licence[0]).decode()
         assert "nats_apscheduler/py.typed" in names
         assert "nats_cron_cli/py.typed" in names
+        # The dashboard is served from the installed package: no build step, no CDN.
+        for asset in ("index.html", "app.js", "app.css", "icon.svg"):
+            assert f"nats_apscheduler/dashboard/{asset}" in names
         metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA")))
     text = metadata.decode()
     assert "License: MIT" in text or "License-Expression: MIT" in text

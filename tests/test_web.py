@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import socket
+import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -17,8 +19,11 @@ from zoneinfo import ZoneInfo
 
 import nats
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from nats.aio.client import Client
 
+import tests.test_fuzz as fuzz
 from nats_apscheduler.client import ApiError, CronClient
 from nats_apscheduler.cron import fire_times
 from nats_apscheduler.embedded import EmbeddedNatsServer
@@ -319,6 +324,9 @@ async def test_create_replace_delete_with_revisions(http: Http, nc: Client) -> N
     assert other.json() == {
         "error": "target.subject: 'crud.two' is not the subject of this URL ('crud.one')"
     }
+    for broken in ({"target": "crud.one", "schedule": {"every": "1h"}}, [1], "x"):
+        reply = await http.request("PUT", "/api/jobs/crud.one", broken)
+        assert reply.status == 400, (broken, reply.text)
     new = await http.request("PUT", "/api/jobs/crud.new", job("crud.new"))
     assert (new.status, new.json()["created"]) == (201, True)
     # revision 0: only if there is none.
@@ -684,3 +692,42 @@ async def test_bad_input_never_crashes_the_instance(
     assert proc.proc.poll() is None
     assert (await http.get("/healthz")).status == 200
     assert json.loads((await http.get("/api/status")).text)["service"] == "nats-cron"
+
+
+# --- fuzzing -----------------------------------------------------------------------------
+
+
+async def _send_fuzzed(port: int, document: Any, subject: str, route: str) -> None:
+    path_subject = urllib.parse.quote(subject, safe="")
+    method, path = {
+        "create": ("POST", "/api/jobs?dry_run=true"),
+        "replace": ("PUT", f"/api/jobs/{path_subject}?dry_run=true"),
+        "preview": ("POST", "/api/preview"),
+        "trigger": ("POST", f"/api/jobs/{path_subject}/trigger?dry_run=true"),
+        "read": ("GET", f"/api/jobs?pattern={path_subject}"),
+    }[route]
+    async with Http(port) as http:
+        reply = await http.request(method, path, None if method == "GET" else document)
+    assert reply.status < 500, (route, document, reply.text)
+    body = reply.json()
+    if reply.status >= 400:
+        assert isinstance(body.get("error"), str) and body["error"], body
+
+
+@settings(
+    max_examples=int(os.environ.get("NATS_CRON_WEB_FUZZ_EXAMPLES", "150")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    document=fuzz.documents,
+    subject=fuzz.subjects,
+    route=st.sampled_from(["create", "replace", "preview", "trigger", "read"]),
+)
+def test_fuzzed_requests_get_an_answer_never_a_5xx(
+    open_instance: tuple[ServeProcess, int], document: Any, subject: str, route: str
+) -> None:
+    """The NATS API fuzzer's documents and subjects, over HTTP (dry runs: nothing is
+    stored): every answer is JSON, 4xx with an error or a success; the instance lives."""
+    asyncio.run(_send_fuzzed(open_instance[1], document, subject, route))
+    assert open_instance[0].proc.poll() is None

@@ -16,6 +16,7 @@ it fires, then pauses it: while leading, its own memory is the newest state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -116,6 +117,7 @@ class RunStates:
         self._history = history
         self._states: dict[str, RunState] = {}
         self._feed: Feed | None = None
+        self._refreshed = float("-inf")  # loop time of the last full refresh
         self._skipped = 0
         #: Records of these job subjects are not applied (this instance writes them itself).
         self.ignore: Callable[[str], bool] = lambda subject: False
@@ -188,6 +190,72 @@ class RunStates:
         if self._feed is None:
             return True
         return await self._feed.catch_up(timeout)
+
+    # --- with shards: other leaders' run state read when asked, a won shard's when won --
+
+    async def refresh(self, nc: Client, subjects: list[str] | None, max_age: float = 2.0) -> None:
+        """Make the run state of `subjects` (None: every job) as fresh as the stream, for the
+        jobs this instance does not fire itself (`ignore`): one direct get per subject, or
+        one read of the last record of every job, at most every `max_age` seconds."""
+        if self._history is None:
+            return
+        loop = asyncio.get_running_loop()
+        if subjects is None:
+            if loop.time() - self._refreshed < max_age:
+                return
+            self._refreshed = loop.time()
+            await self.load(nc, lambda subject: not self.ignore(subject), timeout=10)
+            return
+        js = nc.jetstream()
+        for subject in subjects:
+            if self.ignore(subject):
+                continue
+            try:
+                msg = await js.get_msg(
+                    self._history.stream, subject=self._history.subject(subject), direct=True
+                )
+                record = json.loads(msg.data or b"")
+            except (nats.js.errors.NotFoundError, ValueError):
+                continue
+            except (nats.errors.Error, TimeoutError) as exc:
+                logger.debug("reading the run state of {}: {}", subject, exc)
+                continue
+            if isinstance(record, dict):
+                self.apply(record)
+
+    async def load(self, nc: Client, only: Callable[[str], bool], timeout: float) -> bool:
+        """Read the last record of every job from the stream and apply those of the jobs
+        `only` accepts (the shard just won); False if that did not finish in time."""
+        if self._history is None:
+            return True
+        loaded = asyncio.get_running_loop().create_future()
+
+        def handle(entry: KeyValue.Entry | None) -> None:
+            if entry is None:
+                if not loaded.done():
+                    loaded.set_result(None)
+                return
+            if not only(entry.key):
+                return
+            try:
+                record = json.loads(entry.value or b"")
+            except ValueError:
+                return
+            if isinstance(record, dict):
+                self.apply(record)
+
+        history = self._history
+        feed = Feed(nc, history.stream, history.prefix + ".", handler=handle)
+        try:
+            await feed.start()
+            await asyncio.wait_for(asyncio.shield(loaded), timeout)
+            return True
+        except (TimeoutError, nats.errors.Error) as exc:
+            logger.warning("loading the run history: {}", str(exc) or type(exc).__name__)
+            return False
+        finally:
+            with contextlib.suppress(nats.errors.Error, OSError):
+                await feed.stop()
 
     async def pause(self) -> None:
         """Stop following (this instance leads: it knows the newest state itself). A later

@@ -67,6 +67,9 @@ class RunView(Protocol):
 
     def run_state(self, subject: str) -> RunState | None: ...
 
+    async def refresh(self, subjects: list[str] | None) -> None:
+        """Make the run state of `subjects` (None: all) fresh enough to answer with."""
+
 
 class RecordView:
     """A `RunView` from the records alone (no leader, no history)."""
@@ -75,6 +78,9 @@ class RecordView:
         return display_next(job, now)
 
     def run_state(self, subject: str) -> RunState | None:
+        return None
+
+    async def refresh(self, subjects: list[str] | None) -> None:
         return None
 
 
@@ -142,6 +148,11 @@ class JobManager:
 
     def get(self, subject: str) -> dict[str, Any]:
         return self.describe(self._job(subject))
+
+    async def refresh(self, subjects: Subjects | None = None) -> None:
+        """Before answering `get`/`list`: the run state of `subjects` (None: all) as fresh as
+        this instance can tell it (with shards, other leaders' jobs are read on demand)."""
+        await self.view.refresh(subjects)
 
     def count(self) -> int:
         return self._store.count()

@@ -203,7 +203,12 @@ class Leadership:
         election = self.elections[shard]
         log = logger.bind(instance_id=self.instance_id, epoch=epoch, shard=shard)
         caught_up = await self._catch_up(self.ttl)
-        history_caught_up = await self._states.catch_up(timeout=self.ttl)
+        if self.shards == 1:
+            history_caught_up = await self._states.catch_up(timeout=self.ttl)
+        else:  # the shard's run state as the stream holds it (live records may have gaps)
+            history_caught_up = await self._states.load(
+                self._nc, lambda subject: shard_of(subject, self.shards) == shard, self.ttl
+            )
         progress = await self._progress_of(shard)
         stored = await self._claim(progress, election, epoch)
         if stored is None or election.epoch != epoch or not election.is_leader_now():

@@ -126,7 +126,11 @@ class NatsCron:
         self.history = History(nc, s.history_stream, s.history_depth, s.replicas)
         await _provision(self.history.ensure, "the history stream")
         self.states = RunStates(self.history)
-        await self.states.follow(nc)
+        if s.shards == 1:
+            await self.states.follow(nc)  # the standby's copy of the leader's run state
+        # With shards, other leaders' run state is read when asked (`refresh`) and when a
+        # shard is won (`load`): following every record on every instance cost each one
+        # about a third of its CPU per fire, and the server as much again.
         self.scheduler = BatchScheduler(timezone=UTC)
         self.loop_monitor = LoopMonitor()
         self.metrics = Metrics(
@@ -271,6 +275,10 @@ class NatsCron:
 
     def run_state(self, subject: str) -> RunState | None:
         return self.states.get(subject)
+
+    async def refresh(self, subjects: list[str] | None) -> None:
+        if self.settings.shards > 1:  # a standby of one shard follows the stream instead
+            await self.states.refresh(self.nc, subjects)
 
     # --- wiring callbacks ----------------------------------------------------------------------
 

@@ -268,6 +268,7 @@ class CronService:
         budget = self._nc.max_payload - _PAGE_HEADROOM
         pieces: list[bytes] = []
         size, last, more = 0, None, False
+        await self._jobs.refresh(None)
         for doc in self._jobs.list_after(after, pattern):
             piece = json.dumps(doc).encode()
             if pieces and size + len(piece) + 2 > budget:
@@ -280,7 +281,9 @@ class CronService:
         return b'{"jobs": [' + b", ".join(pieces) + b'], "next": ' + following + b"}"
 
     async def _get(self, body: Any, call: Call) -> dict[str, Any]:
-        return self._jobs.get(_field(body, "subject"))
+        subject = _field(body, "subject")
+        await self._jobs.refresh([subject])
+        return self._jobs.get(subject)
 
     async def _create(self, body: Any, call: Call) -> dict[str, Any]:
         spec = await self._jobs.create(body, dry_run=call.dry_run)

@@ -40,9 +40,12 @@ def default_data_dir() -> Path:
 def _duration(text: str | None, name: str) -> timedelta | None:
     if text is None:
         return None
-    value = parse_duration(text, name)
+    try:
+        value = parse_duration(text, name)
+    except SpecError as exc:  # a duration's own rule, reported as the flag's
+        raise ConfigError(exc.field, exc.rule) from None
     if value <= timedelta(0):
-        raise SpecError(name, f"{text!r} must be positive")
+        raise ConfigError(name, f"{text!r} must be positive")
     return value
 
 
@@ -130,7 +133,7 @@ def serve(
         connection = resolve_connection(flags, os.environ, settings.connection, implicit=False)
         settings = settings.override(connection=connection).validate()
         if settings.log_level not in ("debug", "info", "warn", "warning", "error"):
-            raise SpecError(
+            raise ConfigError(
                 "--log-level", f"{settings.log_level!r} is not one of debug, info, warn, error"
             )
     except NatsCronError as exc:

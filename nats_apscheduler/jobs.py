@@ -28,7 +28,13 @@ from apscheduler.schedulers.base import BaseScheduler
 from loguru import logger
 
 from nats_apscheduler.agenda import display_next
-from nats_apscheduler.errors import NatsCronError, SpecError, StoreError, WriteConflict
+from nats_apscheduler.errors import (
+    Conflict,
+    NotFound,
+    SpecError,
+    StoreError,
+    WriteConflict,
+)
 from nats_apscheduler.fire import FIRE_REF, rfc3339
 from nats_apscheduler.history import History, RunState
 from nats_apscheduler.spec import JobSpec, parse_job, validate_subject
@@ -42,14 +48,6 @@ _APPLY_YIELD = 100  # documents validated between two yields to the loop (fires 
 # Aliases: the method `JobManager.list` shadows the builtin inside the class.
 Documents = list[dict[str, Any]]
 Subjects = list[str]
-
-
-class NotFound(NatsCronError):
-    """No job with that subject."""
-
-
-class Conflict(NatsCronError):
-    """The job exists already, or another writer changed it concurrently."""
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,10 @@ from nats.aio.client import Client
 from nats_apscheduler._tasks import cancel_and_wait
 from nats_apscheduler._wire import Wire
 from nats_apscheduler.election import Election
+from nats_apscheduler.errors import MarkTakenOver
 from nats_apscheduler.fire import FireObserver, Firer, rfc3339
 from nats_apscheduler.history import History, RunStates
-from nats_apscheduler.progress import MarkTakenOver, Progress, Stored
+from nats_apscheduler.progress import Progress, Stored
 from nats_apscheduler.scheduler import BatchScheduler
 from nats_apscheduler.shards import (
     Members,

@@ -26,10 +26,10 @@ from nats.micro.request import Request
 from nats.micro.service import EndpointConfig, Service, ServiceConfig
 
 import nats_apscheduler.protocol as protocol
-from nats_apscheduler.errors import SpecError, StoreError
+from nats_apscheduler.errors import ApiError, Conflict, NotFound, SpecError, StoreError
 from nats_apscheduler.fire import rfc3339
 from nats_apscheduler.history import History
-from nats_apscheduler.jobs import Conflict, JobManager, NotFound
+from nats_apscheduler.jobs import JobManager
 
 SERVICE_NAME = "nats-cron"
 DESCRIPTION = "NATS Cron Scheduler"
@@ -58,13 +58,6 @@ class Call:
 
 
 Handler = Callable[[Any, Call], Awaitable[dict[str, Any] | bytes]]
-
-
-class ApiError(Exception):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 def _parse_json(data: bytes, required: bool) -> Any:

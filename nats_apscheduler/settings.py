@@ -15,7 +15,7 @@ from datetime import timedelta
 from typing import Any
 
 from nats_apscheduler.durations import parse_duration
-from nats_apscheduler.errors import SpecError
+from nats_apscheduler.errors import ConfigError, SpecError
 
 MAX_SHARDS = 1024
 LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
@@ -89,9 +89,12 @@ def _duration(environ: Mapping[str, str], key: str, default: timedelta) -> timed
     text = environ.get(key)
     if not text:
         return default
-    value = parse_duration(text, key)
+    try:
+        value = parse_duration(text, key)
+    except SpecError as exc:  # a duration's own rule, reported as the setting's
+        raise ConfigError(exc.field, exc.rule) from None
     if value <= timedelta(0):
-        raise SpecError(key, f"{text!r} must be positive")
+        raise ConfigError(key, f"{text!r} must be positive")
     return value
 
 
@@ -102,9 +105,9 @@ def _int(environ: Mapping[str, str], key: str, default: int, low: int = 1) -> in
     try:
         value = int(text)
     except ValueError:
-        raise SpecError(key, f"{text!r} is not a whole number") from None
+        raise ConfigError(key, f"{text!r} is not a whole number") from None
     if value < low:
-        raise SpecError(key, f"must be at least {low}")
+        raise ConfigError(key, f"must be at least {low}")
     return value
 
 
@@ -132,11 +135,11 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
         level = (environ.get("LOG_LEVEL") or "info").lower()
         if level not in LOG_LEVELS:
-            raise SpecError("LOG_LEVEL", f"{level!r} is not one of debug, info, warn, error")
+            raise ConfigError("LOG_LEVEL", f"{level!r} is not one of debug, info, warn, error")
         metrics = environ.get("NATS_CRON_METRICS_PORT")
         log_format = (environ.get("NATS_CRON_LOG_FORMAT") or "auto").lower()
         if log_format not in LOG_FORMATS:
-            raise SpecError(
+            raise ConfigError(
                 "NATS_CRON_LOG_FORMAT", f"{log_format!r} is not one of {', '.join(LOG_FORMATS)}"
             )
         return cls(
@@ -163,11 +166,11 @@ class Settings:
 
     def validate(self) -> Settings:
         if self.log_format not in LOG_FORMATS:
-            raise SpecError("log_format", f"{self.log_format!r} is not one of text, json, auto")
+            raise ConfigError("log_format", f"{self.log_format!r} is not one of text, json, auto")
         if self.lease_ttl < timedelta(seconds=1):
-            raise SpecError("lease_ttl", "must be at least 1s (the server's per-key TTL minimum)")
+            raise ConfigError("lease_ttl", "must be at least 1s (the server's per-key TTL minimum)")
         if self.lease_ttl % timedelta(seconds=1):
-            raise SpecError("lease_ttl", "must be whole seconds (the server's per-key TTL unit)")
+            raise ConfigError("lease_ttl", "must be whole seconds (the server's per-key TTL unit)")
         if not 1 <= self.shards <= MAX_SHARDS:
-            raise SpecError("shards", f"must be from 1 to {MAX_SHARDS}")
+            raise ConfigError("shards", f"must be from 1 to {MAX_SHARDS}")
         return self

@@ -27,9 +27,9 @@ from loguru import logger
 
 from nats_apscheduler._tasks import cancel_and_wait
 from nats_apscheduler.agenda import Agenda, Entry, Mark, resolve
-from nats_apscheduler.errors import SpecError
+from nats_apscheduler.errors import MarkTakenOver, SpecError
 from nats_apscheduler.fire import Fire, Firer, Plans, Skip, rfc3339
-from nats_apscheduler.progress import MarkTakenOver, Progress
+from nats_apscheduler.progress import Progress
 from nats_apscheduler.shards import shard_of
 
 SLICE_JOBS = 2000

@@ -35,8 +35,9 @@ import nats
 import pytest
 
 from nats_apscheduler import settings as settings_module
-from nats_apscheduler.client import ApiError, CronClient, NoService
+from nats_apscheduler.client import CronClient
 from nats_apscheduler.embedded import EmbeddedNatsServer, nats_server_binary
+from nats_apscheduler.errors import ApiError, NoService
 from nats_apscheduler.settings import Settings
 from tests.helpers.cluster import FireRecorder
 

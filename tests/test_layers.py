@@ -356,3 +356,33 @@ def test_the_walker_sees_real_imports(tmp_path: Path) -> None:
         "service",
         "__init__",
     }
+
+
+def _exception_classes(path: Path) -> list[str]:
+    """Classes defined in `path` whose bases name an exception (…Error, …Exception)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ClassDef):
+            bases = [ast.unparse(base) for base in node.bases]
+            if any(b.endswith(("Error", "Exception", "NotFound", "Conflict")) for b in bases):
+                found.append(node.name)
+    return found
+
+
+@pytest.mark.parametrize("module", sorted(RANK))
+def test_every_exception_of_the_package_lives_in_errors(module: str) -> None:
+    # STYLE: one error module with the tree drawn; every exception raised on purpose is there.
+    if module == "errors":
+        return
+    assert _exception_classes(package_modules()[module]) == []
+
+
+def test_the_error_tree_draws_every_exception() -> None:
+    import nats_apscheduler.errors as errors
+
+    defined = _exception_classes(PACKAGE / "errors.py")
+    assert len(defined) >= 10
+    tree = errors.__doc__ or ""
+    for name in defined:
+        drawn = f"── {name} " in tree or f"    {name}\n" in tree  # a branch, or the root
+        assert drawn, f"{name} is not in the drawn tree"

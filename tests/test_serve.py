@@ -11,7 +11,8 @@ from datetime import UTC, datetime
 import pytest
 from nats.aio.client import Client
 
-from nats_apscheduler.client import ApiError, CronClient
+from nats_apscheduler.client import CronClient
+from nats_apscheduler.errors import ApiError
 from tests.helpers.cluster import FireRecorder, ServeProcess
 
 TTL = 2  # seconds; the product default is 3

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import pytest
 
-from nats_apscheduler.errors import SpecError
+from nats_apscheduler.errors import ConfigError
 from nats_apscheduler.settings import Connection, Settings, redact_url
 
 
@@ -128,7 +128,7 @@ def test_go_durations(text: str, value: timedelta) -> None:
     ],
 )
 def test_invalid_values_name_the_variable(key: str, text: str, rule: str) -> None:
-    with pytest.raises(SpecError) as caught:
+    with pytest.raises(ConfigError) as caught:
         Settings.from_env({key: text})
     assert caught.value.field == key
     assert key in str(caught.value)
@@ -143,7 +143,7 @@ def test_log_levels(level: str) -> None:
 @pytest.mark.parametrize("ttl", ["500ms", "999ms", "1us"])
 def test_lease_ttl_below_one_second_rejected_by_validate(ttl: str) -> None:
     settings = Settings.from_env({"NATS_CRON_LEASE_TTL": ttl})  # a valid duration...
-    with pytest.raises(SpecError, match="at least 1s") as caught:
+    with pytest.raises(ConfigError, match="at least 1s") as caught:
         settings.validate()  # ...but not a valid lease
     assert "lease_ttl" in str(caught.value)
     assert Settings.from_env({"NATS_CRON_LEASE_TTL": "1s"}).validate().lease_ttl == timedelta(
@@ -154,7 +154,7 @@ def test_lease_ttl_below_one_second_rejected_by_validate(ttl: str) -> None:
 def test_lease_ttl_must_be_whole_seconds() -> None:
     """The election refuses a fractional TTL (ValueError at start); validate() must catch it
     first, as a configuration error, not let `serve` fail later with an internal error."""
-    with pytest.raises(SpecError, match="lease_ttl"):
+    with pytest.raises(ConfigError, match="lease_ttl"):
         Settings.from_env({"NATS_CRON_LEASE_TTL": "1500ms"}).validate()
 
 
@@ -238,5 +238,5 @@ def test_redact_url_without_scheme() -> None:
 @pytest.mark.parametrize("fmt", ["text", "json", "auto", "JSON"])
 def test_log_formats(fmt: str) -> None:
     assert Settings.from_env({"NATS_CRON_LOG_FORMAT": fmt}).log_format == fmt.lower()
-    with pytest.raises(SpecError, match="log_format"):
+    with pytest.raises(ConfigError, match="log_format"):
         Settings(log_format="xml").validate()

@@ -15,7 +15,8 @@ from datetime import datetime
 import pytest
 from nats.aio.client import Client
 
-from nats_apscheduler.client import CronClient, NoService
+from nats_apscheduler.client import CronClient
+from nats_apscheduler.errors import NoService
 from nats_apscheduler.shards import fair_share, lease_key, shard_of
 from tests.helpers.cluster import Fire, FireRecorder, ServeProcess
 

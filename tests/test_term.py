@@ -19,10 +19,11 @@ from nats.js.api import KeyValueConfig
 
 from nats_apscheduler._wire import Wire
 from nats_apscheduler.agenda import Mark
+from nats_apscheduler.errors import MarkTakenOver
 from nats_apscheduler.fire import Firer
 from nats_apscheduler.history import RunStates
 from nats_apscheduler.jobs import JOBSTORE, JobManager, Limits
-from nats_apscheduler.progress import MarkTakenOver, Progress
+from nats_apscheduler.progress import Progress
 from nats_apscheduler.store import JetStreamJobStore
 from nats_apscheduler.term import Term
 

@@ -42,7 +42,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy, StorageType, StreamConfig
 
-from nats_apscheduler.client import ApiError, CronClient, NoService
+from nats_apscheduler.client import CronClient
+from nats_apscheduler.errors import ApiError, NoService
 from tests.chaos.analysis import Fault, Report, Seen, analyse
 from tests.chaos.procs import (
     NatsNode,

@@ -14,7 +14,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import nats
 import pytest
@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from nats_apscheduler.client import CronClient
 from nats_apscheduler.embedded import EmbeddedNatsServer
 from tests.helpers.cluster import FireRecorder, ServeProcess
+from tests.helpers.waiting import eventually
 from tests.test_deploy import healthcheck_command
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -62,13 +63,6 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return sum(v for (n, lbls), v in samples.items() if n == name and wanted <= lbls)
 
 
-async def until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await asyncio.to_thread(check):
-        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
-        await asyncio.sleep(0.1)
-
-
 @pytest.fixture
 def env(fresh_server: EmbeddedNatsServer, bucket: str) -> dict[str, str]:
     return {
@@ -97,8 +91,12 @@ async def test_metrics_and_health_while_jobs_fire(env, started, fresh_server, bu
     leader = ServeProcess("obs-leader", {**env, "NATS_CRON_METRICS_PORT": str(leader_port)})
     started.append(leader)
     await leader.await_log("nats-cron instance started")
-    await until(
-        lambda: value(scrape(leader_port), "nats_cron_is_leader") == 1, 10, "the first leads"
+    await eventually(
+        lambda: value(scrape(leader_port), "nats_cron_is_leader") == 1,
+        10,
+        "the first leads",
+        in_thread=True,
+        step=0.1,
     )
     follower = ServeProcess("obs-follower", {**env, "NATS_CRON_METRICS_PORT": str(follower_port)})
     started.append(follower)
@@ -141,8 +139,12 @@ async def test_metrics_and_health_while_jobs_fire(env, started, fresh_server, bu
     assert value(second, "nats_cron_leader_changes_total") >= 1
 
     # The follower: not leading, nothing fired, but its store sees the job through KV.
-    await until(
-        lambda: value(scrape(follower_port), "nats_cron_jobs") == 1, 5, "the follower sees it"
+    await eventually(
+        lambda: value(scrape(follower_port), "nats_cron_jobs") == 1,
+        5,
+        "the follower sees it",
+        in_thread=True,
+        step=0.1,
     )
     follower_samples = scrape(follower_port)
     assert value(follower_samples, "nats_cron_is_leader") == 0
@@ -159,8 +161,14 @@ async def test_metrics_and_health_while_jobs_fire(env, started, fresh_server, bu
     fresh_server.stop()
     stopped = time.monotonic()
     for port in (leader_port, follower_port):
-        await until(lambda port=port: get(port, "/healthz")[0] == 503, 10, f"{port} /healthz 503")
-        await until(lambda port=port: get(port, "/readyz")[0] == 503, 10, f"{port} /readyz 503")
+        for path in ("/healthz", "/readyz"):
+            await eventually(
+                lambda port=port, path=path: get(port, path)[0] == 503,
+                10,
+                f"{port} {path} 503",
+                in_thread=True,
+                step=0.1,
+            )
     print(f"health turned 503 {time.monotonic() - stopped:.2f}s after the server stopped")
     assert leader.proc.poll() is None and follower.proc.poll() is None
     assert value(scrape(leader_port), "nats_cron_nats_connected") == 0  # still scraped

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -26,6 +26,7 @@ from nats_apscheduler.jobs import JOBSTORE, JobManager, Limits
 from nats_apscheduler.progress import Progress
 from nats_apscheduler.store import JetStreamJobStore
 from nats_apscheduler.term import Term
+from tests.helpers.waiting import eventually
 
 
 class Fence:
@@ -106,13 +107,6 @@ async def collect(nc: Client, subject: str) -> tuple[list[Msg], Any]:
     await nc.flush()
     await nc.flush()
     return got, sub
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 async def herd(rig: Rig, prefix: str, n: int, every_s: int = 3600) -> datetime:

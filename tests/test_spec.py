@@ -1461,5 +1461,5 @@ def test_delivery_of_a_stored_document() -> None:
     assert delivery_of(None) == DeliverySpec()
     stored = parse(doc(delivery={"mode": "request", "overlap": "skip"})).to_document()
     assert delivery_of(stored["delivery"]).overlap == "skip"
-    with pytest.raises(SpecError, match="delivery.mode"):
+    with pytest.raises(SpecError, match=r"delivery\.mode"):
         delivery_of({"mode": "fax"})

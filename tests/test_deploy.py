@@ -854,7 +854,8 @@ async def test_compose_stack_runs_on_loopback(tmp_path, processes, bucket):
             NATS_CRON_METRICS_HOST="127.0.0.1",
             NATS_CRON_JOBS_BUCKET=f"{bucket}-jobs",
             NATS_CRON_LEADER_BUCKET=f"{bucket}-leader",
-            NATS_CRON_HISTORY_STREAM=f"H{bucket}".replace("-", "_"),
+            NATS_CRON_EVENTS_STREAM=f"H{bucket}".replace("-", "_"),
+            NATS_CRON_EVENTS_PREFIX=f"ev.{bucket}",
         )
         instances[env["INSTANCE_ID"]] = proc = Proc(name, entrypoint_command(), env)
         processes.append(proc)

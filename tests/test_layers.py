@@ -43,6 +43,9 @@ RANK = {
     "codec": 3,
     "connection": 3,
     "agenda": 3,
+    "plan": 3,
+    "delivery": 3,
+    "retry": 3,
     "history": 3,
     "election": 3,
     "client": 3,
@@ -84,12 +87,28 @@ ALLOWED: dict[str, set[str]] = {
     # The leader's schedule: triggers and marks, pure.
     "agenda": {"errors", "durations", "cron", "spec"},
     "history": {"errors", "_watch", "protocol"},
+    # What a job fires, read from its document: pure.
+    "plan": {"errors", "durations", "spec"},
+    # Requests in flight and what their replies mean: nats only, knows nothing of jobs.
+    "delivery": {"errors", "durations", "protocol"},
+    # Retry records in the leader bucket and their timer: knows nothing of firing.
+    "retry": {"errors", "_tasks", "_watch", "_kvwrite", "protocol"},
     # Knows nothing of APScheduler, jobs or firing.
     "election": {"errors", "durations", "_tasks", "_watch", "protocol"},
     "client": {"errors", "durations", "spec", "protocol"},
     "progress": {"errors", "_wire", "agenda", "protocol"},
     # What a fire is: needs the job document and the history, not the store nor the election.
-    "fire": {"errors", "durations", "cron", "spec", "_wire", "history", "protocol"},
+    "fire": {
+        "errors",
+        "durations",
+        "cron",
+        "spec",
+        "_wire",
+        "history",
+        "protocol",
+        "plan",
+        "delivery",
+    },
     "store": {
         "errors",
         "durations",
@@ -105,7 +124,17 @@ ALLOWED: dict[str, set[str]] = {
         "_writeback",
     },
     # A leader's term: the agenda, the fires and the progress mark; the store through a port.
-    "term": {"errors", "_tasks", "agenda", "fire", "progress", "history", "spec", "shards"},
+    "term": {
+        "errors",
+        "_tasks",
+        "agenda",
+        "fire",
+        "progress",
+        "history",
+        "spec",
+        "shards",
+        "retry",
+    },
     "jobs": {"errors", "durations", "cron", "spec", "store", "fire", "history", "agenda"},
     "scheduler": {"term"},
     # Which lease covers which jobs, who is alive, the fair share: knows nothing of firing.
@@ -115,10 +144,13 @@ ALLOWED: dict[str, set[str]] = {
         "errors",
         "_tasks",
         "_wire",
+        "_kvwrite",
+        "delivery",
         "election",
         "fire",
         "history",
         "progress",
+        "retry",
         "scheduler",
         "shards",
         "term",
@@ -145,6 +177,7 @@ ALLOWED: dict[str, set[str]] = {
         "jobs",
         "service",
         "observe",
+        "delivery",
     },
     # The public API re-exports from public modules only.
     "__init__": {
@@ -172,7 +205,7 @@ ALLOWED: dict[str, set[str]] = {
 }
 
 # Modules that must stay pure (no I/O): no NATS client library.
-PURE = {"errors", "durations", "cron", "settings", "spec", "codec", "agenda", "_mirror"}
+PURE = {"errors", "durations", "cron", "settings", "spec", "codec", "agenda", "_mirror", "plan"}
 
 
 def package_modules() -> dict[str, Path]:

@@ -130,6 +130,8 @@ class FireObserver(Protocol):
 
     def on_missed(self, subject: str, count: int = 1) -> None: ...
 
+    def on_dead_letter(self, subject: str) -> None: ...
+
 
 class RetryPort(Protocol):
     """Where a failed attempt's next attempt is kept (`retry.Retries`, persisted in KV)."""
@@ -388,6 +390,8 @@ class Firer:
         observer = self._observer
         if observer is not None:
             observer.on_outcome(subject, outcome.outcome, now.timestamp())
+            if dead:
+                observer.on_dead_letter(subject)
         retries = self.retries
         if next_attempt is not None and retries is not None:
             retries.schedule(subject, run.slot, run.attempt + 1, next_attempt, run.caught_up)

@@ -136,6 +136,7 @@ class _FireCounts(Collector):
         self.fires: collections.Counter[tuple[str, str]] = collections.Counter()
         self.caught_up: collections.Counter[str] = collections.Counter()
         self.missed: collections.Counter[str] = collections.Counter()
+        self.dead: collections.Counter[str] = collections.Counter()
         self.last_success: dict[str, float] = {}
         self.buckets = [0] * (len(LATENESS_BUCKETS) + 1)  # the last: +Inf
         self.lateness_sum = 0.0
@@ -170,6 +171,11 @@ class _FireCounts(Collector):
                 "nats_cron_caught_up_slots",
                 "Missed slots fired late after a takeover or restart",
                 self.caught_up,
+            ),
+            (
+                "nats_cron_dead_letters",
+                "Runs whose retries were exhausted (sent to nats-cron.dead.<subject>)",
+                self.dead,
             ),
         ):
             family = CounterMetricFamily(
@@ -242,6 +248,9 @@ class Metrics:
 
     def on_missed(self, subject: str, count: int = 1) -> None:
         self._counts.missed[subject if self.per_subject else ""] += count
+
+    def on_dead_letter(self, subject: str) -> None:
+        self._counts.dead[subject if self.per_subject else ""] += 1
 
     def forget(self, subject: str) -> None:
         """A job was deleted: its last-success series goes (counters stay, as counters do)."""

@@ -16,6 +16,7 @@ subjects, the `RunStates`, `Deliveries`, a `RetryPort` and a `FireObserver` (the
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import time
@@ -178,6 +179,10 @@ class Firer:
         self.written = 0  #: fires written in this process
         self.late_writes = 0  #: slices written after the fence had passed (a stall between)
         self.dead_letters = 0
+        # Outcome events and dead letters of settled runs, written once per loop turn (one
+        # socket write for all the replies a turn delivered, not one each).
+        self._settled: list[bytes] = []
+        self._flush: asyncio.Handle | None = None
 
     def _scheduled(self, slot: datetime) -> str:
         # A herd shares its slot: format it once.
@@ -196,6 +201,8 @@ class Firer:
         """
         if not fires and not skips:
             return True
+        if self._settled:
+            self._write_settled()  # the events of settled runs first: they are older
         epoch = self.epoch
         # The headers every fire of this write shares, closing the header block.
         tail = (
@@ -359,21 +366,15 @@ class Firer:
             extra["next_attempt"] = rfc3339(next_attempt)
         if dead:
             extra["dead_letter"] = dead_subject(subject)
-        commands: list[bytes] = []
         if self._history is not None:
-            commands.append(
+            self._settled.append(
                 pub(self._history.subject(subject), self._outcome_record(run, outcome, extra))
             )
         if dead:
-            commands.append(self._dead_letter(run, outcome))
-        if commands:
-            try:
-                self._wire.write(commands, messages=len(commands))
-                self.dead_letters += dead
-            except ConnectionError:
-                logger.bind(subject=subject).warning(
-                    "the outcome of a run could not be recorded: not connected"
-                )
+            self._settled.append(self._dead_letter(run, outcome))
+            self.dead_letters += 1
+        if self._settled and self._flush is None:
+            self._flush = asyncio.get_running_loop().call_soon(self._write_settled)
         if not outcome.ok:
             # Every attempt is an event; the log says only what an operator must act on
             # (warnings repeated within 10 s are written once, see `logs`).
@@ -402,6 +403,18 @@ class Firer:
             self.running[subject] -= 1
             if not self.running[subject]:
                 del self.running[subject]
+
+    def _write_settled(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        commands, self._settled = self._settled, []
+        if not commands:
+            return
+        try:
+            self._wire.write(commands, messages=len(commands))
+        except ConnectionError:
+            logger.warning("{} run outcome(s) not recorded: not connected", len(commands))
 
     def forget(self, subject: str) -> None:
         """A run of `subject` that will not be attempted again (its job is gone)."""

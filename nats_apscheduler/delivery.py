@@ -145,13 +145,6 @@ class Deliveries:
         if self._timer is None or deadline < self._timer.when():
             self._arm(loop)
 
-    def forget(self, owner: RunOwner) -> int:
-        """Drop the runs of `owner` (not settled: their replies are ignored)."""
-        tokens = [t for t, p in self._pending.items() if p.owner is owner]
-        for token in tokens:
-            del self._pending[token]
-        return len(tokens)
-
     # --- replies and deadlines ----------------------------------------------------------------
 
     async def _on_reply(self, msg: Msg) -> None:

@@ -217,6 +217,7 @@ class Firer:
         deliveries = self._deliveries
         commands: list[bytes] = []
         runs: list[tuple[str, str, int, str]] = []
+        published: list[Fire] = []
         tracked: list[tuple[str, Run]] = []
         # Skipped slots first: a caught-up fire of the same job is the newer record, and the
         # newest record per job is what a follower rebuilds the run state from.
@@ -235,13 +236,14 @@ class Firer:
                 f"{H_ATTEMPT}: {attempt}\r\n{tail}"
             ).encode()
             body = plan.body or ulid(ms)
-            if deliveries is not None and plan.delivery.tracked:
+            if deliveries is not None and plan.delivery.mode != "publish":
                 reply = deliveries.reply_subject()
                 commands.append(hpub(subject, reply, header, body))
                 run = Run(plan, item.slot, attempt, item.caught_up, actual_text, header, body)
                 tracked.append((reply, run))
                 continue
             commands.append(hpub(subject, "", header, body))
+            published.append(item)
             outcome = "caught_up" if item.caught_up else "fired"
             state = states.get(subject)
             count = (state.run_count if state is not None else 0) + (attempt == 1)
@@ -317,9 +319,7 @@ class Firer:
                         run.caught_up and run.attempt == 1,
                     )
         if observer is not None:
-            for item in fires:
-                if deliveries is not None and item.plan.delivery.tracked:
-                    continue
+            for item in published:
                 observer.on_fire(
                     item.plan.subject,
                     "caught_up" if item.caught_up else "fired",
@@ -327,12 +327,11 @@ class Firer:
                     item.caught_up,
                     actual_ts,
                 )
-            now_ts = time.time()
             for skip in skips:
                 if skip.kind == "missed":
                     observer.on_missed(skip.subject, skip.count)
                 else:
-                    observer.on_outcome(skip.subject, skip.kind, now_ts)
+                    observer.on_outcome(skip.subject, skip.kind, actual_ts)
         return True
 
     # --- runs that await a reply ------------------------------------------------------------

@@ -7,11 +7,12 @@ does (event, run state, metrics, retry or dead letter).
 `Nats-Cron-Epoch`, `Nats-Cron-Shard`, `Nats-Cron-Run-Id`, `Nats-Cron-Attempt`) and every
 event of a publish (`fired`, `caught_up`) or of slots not fired (`missed`, `skipped`),
 checks the fence, and writes them all in one socket write, with no await in between (see
-`_wire`). Fires of `request` and `jetstream` jobs leave in the same write with a reply
-subject (`delivery.Deliveries`); their event is written when the reply (or its deadline)
-settles the run (`settle`), which also schedules the next attempt (`RetryPort`) or sends
-the dead letter. Its collaborators are typed ports: a `Fence`, the `Wire`, the `History`
-subjects, the `RunStates`, `Deliveries`, a `RetryPort` and a `FireObserver` (the metrics).
+`_wire`; `events` builds the events). Fires of `request` and `jetstream` jobs leave in
+the same write with a reply subject (`delivery.Deliveries`); their event is written when
+the reply (or its deadline) settles the run (`settle`), which also schedules the next
+attempt (`RetryPort`) or sends the dead letter. Its collaborators are typed ports: a
+`Fence`, the `Wire`, the `History` subjects, the `RunStates`, `Deliveries`, a `RetryPort`
+and a `FireObserver` (the metrics).
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from typing import Any, Protocol
 from loguru import logger
 
 from nats_apscheduler._wire import Wire, hpub, pub
-from nats_apscheduler.delivery import REPLY_KEPT, Deliveries, Outcome
+from nats_apscheduler.delivery import Deliveries, Outcome
 from nats_apscheduler.errors import NotLeaderError
+from nats_apscheduler.events import Run, Skip, dead_letter, outcome_record, skip_record
 from nats_apscheduler.history import History, RunStates
 from nats_apscheduler.plan import FirePlan, Plans, jitter_delay, rfc3339, slot_ms, ulid
 from nats_apscheduler.protocol import MSG_ID, dead_subject
@@ -44,10 +46,6 @@ H_EPOCH = "Nats-Cron-Epoch"
 H_SHARD = "Nats-Cron-Shard"
 H_RUN_ID = "Nats-Cron-Run-Id"  # `<subject>:<slot, unix ms>:<attempt>`
 H_ATTEMPT = "Nats-Cron-Attempt"  # 1 for the slot's first attempt
-# Added to a dead letter.
-H_OUTCOME = "Nats-Cron-Outcome"
-H_ERROR = "Nats-Cron-Error"
-_ERROR_HEADER_MAX = 160
 
 __all__ = [
     "FIRE_REF",
@@ -85,33 +83,6 @@ class Fire:
     slot: datetime
     caught_up: bool = False  # fired late: a missed slot after an outage or takeover
     attempt: int = 1
-
-
-@dataclass(slots=True)
-class Skip:
-    """Slots of one job that were due and will never fire: `missed` (older than a caught-up
-    slot, or past the grace window) or `skipped` (overlap: the previous run still going)."""
-
-    subject: str
-    count: int
-    first: datetime
-    last: datetime
-    more: bool  # and slots before `first` (older than the grace window), not counted
-    past_grace: bool  # none of this outage's slots fired
-    kind: str = "missed"
-
-
-@dataclass(slots=True)
-class Run:
-    """One attempt awaiting its reply: what its event and a dead letter need."""
-
-    plan: FirePlan
-    slot: datetime
-    attempt: int
-    caught_up: bool
-    actual: str  # when this attempt was written (RFC 3339)
-    header: bytes
-    body: bytes
 
 
 class Fence(Protocol):
@@ -223,7 +194,10 @@ class Firer:
         # newest record per job is what a follower rebuilds the run state from.
         if history is not None:
             for skip in skips:
-                commands.append(pub(history.subject(skip.subject), self._skip_record(skip)))
+                event = skip_record(
+                    skip, states.get(skip.subject), self.instance_id, self.epoch, actual
+                )
+                commands.append(pub(history.subject(skip.subject), event))
         for item in fires:
             plan = item.plan
             subject = plan.subject
@@ -366,11 +340,12 @@ class Firer:
         if dead:
             extra["dead_letter"] = dead_subject(subject)
         if self._history is not None:
-            self._settled.append(
-                pub(self._history.subject(subject), self._outcome_record(run, outcome, extra))
+            record = outcome_record(
+                run, outcome, self._states.get(subject), self.instance_id, self.epoch, extra
             )
+            self._settled.append(pub(self._history.subject(subject), record))
         if dead:
-            self._settled.append(self._dead_letter(run, outcome))
+            self._settled.append(dead_letter(run, outcome, self._wire.max_payload()))
             self.dead_letters += 1
         if self._settled and self._flush is None:
             self._flush = asyncio.get_running_loop().call_soon(self._write_settled)
@@ -421,83 +396,3 @@ class Firer:
             self.running[subject] -= 1
             if not self.running[subject]:
                 del self.running[subject]
-
-    def _outcome_record(self, run: Run, outcome: Outcome, extra: dict[str, Any]) -> bytes:
-        subject = run.plan.subject
-        state = self._states.get(subject)
-        ms = slot_ms(run.slot)
-        record: dict[str, Any] = {
-            "subject": subject,
-            "scheduled": self._scheduled(run.slot),
-            "actual": run.actual,
-            "attempt": run.attempt,
-            "outcome": outcome.outcome,
-            "duration": round(outcome.duration, 6),
-            "error": outcome.error,
-            "instance": self.instance_id,
-            "epoch": self.epoch,
-            "run_id": f"{subject}:{ms}:{run.attempt}",
-            "mode": run.plan.delivery.mode,
-        }
-        if run.caught_up:
-            record["caught_up"] = True
-        if outcome.reply is not None:
-            record["reply"] = outcome.reply[:REPLY_KEPT].decode("utf-8", "replace")
-        if outcome.stream is not None:
-            record["stream"] = outcome.stream
-            record["seq"] = outcome.seq
-            record["duplicate"] = outcome.duplicate
-        record.update(extra)
-        # The run state as it stands (the newest record per job rebuilds it).
-        record["runs"] = state.run_count if state is not None else 0
-        record["last_success"] = state.last_success if state is not None else None
-        record["consecutive_failures"] = state.consecutive_failures if state is not None else 0
-        return json.dumps(record).encode()
-
-    def _dead_letter(self, run: Run, outcome: Outcome) -> bytes:
-        """The last attempt's message on `nats-cron.dead.<subject>`: its payload and headers,
-        plus the outcome and error (a body that no longer fits is left out, and said so)."""
-        error = (outcome.error or "").replace("\r", " ").replace("\n", " ")[:_ERROR_HEADER_MAX]
-        extra = f"{H_OUTCOME}: {outcome.outcome}\r\n{H_ERROR}: {error}\r\n\r\n".encode()
-        header = run.header[:-2] + extra  # the block's closing CRLF moves to the end
-        body = run.body
-        limit = self._wire.max_payload()
-        if limit and len(header) + len(body) > limit:
-            header = header[:-2] + b"Nats-Cron-Body: dropped (too large)\r\n\r\n"
-            body = b""
-        return hpub(dead_subject(run.plan.subject), "", header, body)
-
-    def _skip_record(self, skip: Skip) -> bytes:
-        if skip.kind == "skipped":
-            why = "skipped: the previous run is still in progress (overlap: skip)"
-        elif skip.past_grace:
-            why = "past the grace window: not fired"
-        else:
-            why = "coalesced: only the latest missed slot fires"
-        count = f"{skip.count}+" if skip.more else str(skip.count)
-        state = self._states.get(skip.subject)
-        return json.dumps(
-            {
-                "subject": skip.subject,
-                "scheduled": rfc3339(skip.last),
-                "actual": rfc3339(datetime.now(UTC)),
-                "attempt": None,
-                "outcome": skip.kind,
-                "duration": None,
-                "error": f"{count} slot(s) from {rfc3339(skip.first)} to "
-                f"{rfc3339(skip.last)} {why}",
-                "instance": self.instance_id,
-                "epoch": self.epoch,
-                "skipped": skip.count,
-                "first": rfc3339(skip.first),
-                "last": rfc3339(skip.last),
-                "more": skip.more,
-                # The run state as it stands (the newest record per job rebuilds it).
-                "runs": state.run_count if state is not None else 0,
-                "last_scheduled": state.last_scheduled if state is not None else None,
-                "last_run": state.last_run if state is not None else None,
-                "last_error": state.last_error if state is not None else None,
-                "last_success": state.last_success if state is not None else None,
-                "consecutive_failures": state.consecutive_failures if state is not None else 0,
-            }
-        ).encode()

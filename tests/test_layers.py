@@ -50,16 +50,17 @@ RANK = {
     "election": 3,
     "client": 3,
     "progress": 4,
-    "fire": 4,
+    "events": 4,
+    "fire": 5,
     "store": 4,
-    "term": 5,
+    "term": 6,
     "shards": 3,
-    "jobs": 5,
-    "scheduler": 6,
-    "service": 6,
-    "leadership": 7,
-    "server": 8,
-    "__init__": 9,  # the public API: re-exports only
+    "jobs": 6,
+    "scheduler": 7,
+    "service": 7,
+    "leadership": 8,
+    "server": 9,
+    "__init__": 10,  # the public API: re-exports only
 }
 
 # What each module may import from the package ("__init__" is `import nats_apscheduler`).
@@ -97,6 +98,8 @@ ALLOWED: dict[str, set[str]] = {
     "election": {"errors", "durations", "_tasks", "_watch", "protocol"},
     "client": {"errors", "durations", "spec", "protocol"},
     "progress": {"errors", "_wire", "agenda", "protocol"},
+    # What the events stream and the dead letter subject receive: pure.
+    "events": {"errors", "_wire", "delivery", "history", "plan", "protocol"},
     # What a fire is: needs the job document and the history, not the store nor the election.
     "fire": {
         "errors",
@@ -108,6 +111,7 @@ ALLOWED: dict[str, set[str]] = {
         "protocol",
         "plan",
         "delivery",
+        "events",
     },
     "store": {
         "errors",

@@ -120,9 +120,7 @@ def test_delivery_example_retries_a_failed_request(fresh_server: EmbeddedNatsSer
     the retry succeeds, and the example prints both outcomes from the job's events."""
     import os
 
-    code = block_after("<!-- delivery-example").replace(
-        "nats://127.0.0.1:4222", fresh_server.url
-    )
+    code = block_after("<!-- delivery-example").replace("nats://127.0.0.1:4222", fresh_server.url)
     service = ServeProcess("readme-delivery", {"NATS_URL": fresh_server.url})
     try:
         service.wait_for("won the lease")

@@ -15,7 +15,8 @@ from apscheduler.job import Job
 
 from nats_apscheduler.durations import parse_duration
 from nats_apscheduler.errors import SpecError
-from nats_apscheduler.spec import PUBLISH, DeliverySpec, delivery_of, payload_of, validate_subject
+from nats_apscheduler.modes import PUBLISH, DeliverySpec
+from nats_apscheduler.spec import delivery_of, payload_of, validate_subject
 
 
 def rfc3339(value: datetime) -> str:

@@ -22,7 +22,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     StrictBool,
-    StrictInt,
     StrictStr,
     ValidationError,
 )
@@ -31,6 +30,12 @@ from ulid import ULID
 from nats_apscheduler.cron import StandardCronTrigger, parse_cron
 from nats_apscheduler.durations import format_duration, parse_duration
 from nats_apscheduler.errors import SpecError
+from nats_apscheduler.modes import (
+    PUBLISH,
+    DeliveryField,
+    DeliverySpec,
+    parse_delivery,
+)
 
 SERVICE_PREFIX = "nats-cron"
 DEFAULT_MIN_INTERVAL = timedelta(seconds=1)
@@ -45,18 +50,6 @@ _RFC3339 = re.compile(
 _TZ_PREFIX = re.compile(r"^(CRON_TZ|TZ)=(\S*)(\s*)(.*)$", re.DOTALL)
 _EVERY_DESCRIPTOR = re.compile(r"^@every\s+(\S+)$", re.IGNORECASE)
 PayloadType = Literal["json", "text", "base64"]
-
-# --- delivery (SPEC §10) ---
-MODES = ("publish", "jetstream", "request")
-OVERLAPS = ("allow", "skip")
-DEFAULT_TIMEOUTS = {"request": timedelta(seconds=30), "jetstream": timedelta(seconds=5)}
-MAX_TIMEOUT = timedelta(hours=1)
-MAX_ATTEMPTS = 100
-MAX_MULTIPLIER = 100.0
-MAX_BACKOFF = timedelta(hours=24)
-DEFAULT_BACKOFF = timedelta(seconds=1)
-DEFAULT_MAX_BACKOFF = timedelta(minutes=1)
-DEFAULT_MULTIPLIER = 2.0
 
 
 # --- small parsers --------------------------------------------------------------------
@@ -181,25 +174,11 @@ class _Schedule(_Strict):
     paused: StrictBool | None = None
 
 
-class _Retry(_Strict):
-    attempts: StrictInt
-    backoff: StrictStr | None = None
-    max_backoff: StrictStr | None = None
-    multiplier: Any = None  # a number: checked in _retry (a pydantic union names its members)
-
-
-class _Delivery(_Strict):
-    mode: StrictStr | None = None
-    timeout: StrictStr | None = None
-    retry: _Retry | None = None
-    overlap: StrictStr | None = None
-
-
 class _Document(_Strict):
     target: _Target
     payload: _Payload | None = None
     schedule: _Schedule
-    delivery: _Delivery | None = None
+    delivery: DeliveryField | None = None
     paused: StrictBool | None = None
 
 
@@ -216,70 +195,6 @@ _READ_ONLY = (
     "consecutive_failures",
     "revision",
 )
-
-
-@dataclass(frozen=True)
-class RetrySpec:
-    """How a failed run is retried: `attempts` in all (the first included), waiting
-    `backoff`, then `backoff x multiplier` per further attempt, at most `max_backoff`."""
-
-    attempts: int
-    backoff: timedelta = DEFAULT_BACKOFF
-    max_backoff: timedelta = DEFAULT_MAX_BACKOFF
-    multiplier: float = DEFAULT_MULTIPLIER
-
-    def delay(self, failed: int) -> timedelta:
-        """The wait after failed attempt number `failed` (1 for the first) before the next."""
-        wait = self.backoff.total_seconds()
-        cap = self.max_backoff.total_seconds()
-        for _ in range(max(0, failed - 1)):
-            wait *= self.multiplier
-            if wait >= cap:
-                break
-        return timedelta(seconds=min(wait, cap))
-
-    def to_document(self) -> dict[str, Any]:
-        return {
-            "attempts": self.attempts,
-            "backoff": format_duration(self.backoff),
-            "max_backoff": format_duration(self.max_backoff),
-            "multiplier": _number(self.multiplier),
-        }
-
-
-@dataclass(frozen=True)
-class DeliverySpec:
-    """How a fire is delivered and what counts as its outcome (SPEC §10)."""
-
-    mode: str = "publish"
-    timeout: timedelta | None = None  # the reply's (request) or PubAck's (jetstream) deadline
-    retry: RetrySpec | None = None
-    overlap: str = "allow"
-
-    @property
-    def tracked(self) -> bool:
-        """A reply is awaited (request, jetstream); a publish has none."""
-        return self.mode != "publish"
-
-    def to_document(self) -> dict[str, Any] | None:
-        """The canonical `delivery` field (None: the default, a plain publish)."""
-        if self.mode == "publish":
-            return None
-        out: dict[str, Any] = {"mode": self.mode}
-        if self.timeout is not None:
-            out["timeout"] = format_duration(self.timeout)
-        if self.retry is not None:
-            out["retry"] = self.retry.to_document()
-        if self.mode == "request":
-            out["overlap"] = self.overlap
-        return out
-
-
-PUBLISH = DeliverySpec()
-
-
-def _number(value: float) -> int | float:
-    return int(value) if float(value).is_integer() else value
 
 
 @dataclass(frozen=True)
@@ -537,7 +452,7 @@ def _parse_job(
     if start and end and end <= start:
         raise SpecError("schedule.end", "must be after schedule.start")
     paused = bool(doc.paused) or bool(sched.paused)
-    delivery = _delivery(doc.delivery)
+    delivery = parse_delivery(doc.delivery)
 
     spec = JobSpec(
         subject=subject,
@@ -561,95 +476,17 @@ def _parse_job(
     return spec
 
 
-def _positive(text: str, where: str, limit: timedelta) -> timedelta:
-    value = parse_duration(text, where)
-    if value <= timedelta(0):
-        raise SpecError(where, f"{text!r} must be positive")
-    if value > limit:
-        raise SpecError(where, f"{text!r} is longer than the maximum of {format_duration(limit)}")
-    return value
-
-
-def _delivery(raw: _Delivery | None) -> DeliverySpec:
-    """The `delivery` field's rules (its shape was checked by pydantic)."""
-    if raw is None:
-        return PUBLISH
-    mode = raw.mode if raw.mode is not None else "publish"
-    if mode not in MODES:
-        raise SpecError("delivery.mode", f"{mode!r} is not one of {', '.join(MODES)}")
-    tracked = mode != "publish"
-    if not tracked:
-        for name in ("timeout", "retry"):
-            if getattr(raw, name) is not None:
-                raise SpecError(
-                    f"delivery.{name}",
-                    "needs mode request or jetstream (a publish has no reply and no outcome "
-                    "to wait for)",
-                )
-    if raw.overlap is not None:
-        if mode != "request":
-            raise SpecError(
-                "delivery.overlap",
-                "needs mode request (only a request has a run that can still be going)",
-            )
-        if raw.overlap not in OVERLAPS:
-            raise SpecError("delivery.overlap", f"{raw.overlap!r} is not one of allow, skip")
-    if not tracked:
-        return PUBLISH
-    timeout = (
-        _positive(raw.timeout, "delivery.timeout", MAX_TIMEOUT)
-        if raw.timeout is not None
-        else DEFAULT_TIMEOUTS[mode]
-    )
-    return DeliverySpec(mode, timeout, _retry(raw.retry), raw.overlap or "allow")
-
-
-def _retry(raw: _Retry | None) -> RetrySpec | None:
-    if raw is None:
-        return None
-    if not 1 <= raw.attempts <= MAX_ATTEMPTS:
-        raise SpecError(
-            "delivery.retry.attempts",
-            f"{raw.attempts} is not from 1 to {MAX_ATTEMPTS} (the attempts in all, the first "
-            "included)",
-        )
-    backoff = (
-        _positive(raw.backoff, "delivery.retry.backoff", MAX_BACKOFF)
-        if raw.backoff is not None
-        else DEFAULT_BACKOFF
-    )
-    cap = (
-        _positive(raw.max_backoff, "delivery.retry.max_backoff", MAX_BACKOFF)
-        if raw.max_backoff is not None
-        else max(DEFAULT_MAX_BACKOFF, backoff)
-    )
-    if cap < backoff:
-        raise SpecError(
-            "delivery.retry.max_backoff",
-            f"{raw.max_backoff!r} is shorter than delivery.retry.backoff {raw.backoff!r}",
-        )
-    given = raw.multiplier
-    if given is not None and (isinstance(given, bool) or not isinstance(given, int | float)):
-        raise SpecError("delivery.retry.multiplier", f"must be a number, not {_json_type(given)}")
-    multiplier = float(given) if given is not None else DEFAULT_MULTIPLIER
-    if not 1.0 <= multiplier <= MAX_MULTIPLIER:
-        raise SpecError(
-            "delivery.retry.multiplier", f"{raw.multiplier} is not from 1 to {MAX_MULTIPLIER:g}"
-        )
-    return RetrySpec(raw.attempts, backoff, cap, multiplier)
-
-
 def delivery_of(delivery: Any) -> DeliverySpec:
     """The delivery of a stored document's `delivery` field (the fire path reads documents
     from KV that passed `parse_job` already: the same rules)."""
     if delivery is None:
         return PUBLISH
     try:
-        raw = _Delivery.model_validate(delivery)
+        raw = DeliveryField.model_validate(delivery)
     except ValidationError as exc:
         error = _pydantic_to_spec_error(exc)
         raise SpecError(f"delivery.{error.field}", error.rule) from None
-    return _delivery(raw)
+    return parse_delivery(raw)
 
 
 def payload_of(payload: Any) -> bytes | None:

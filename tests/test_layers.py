@@ -22,10 +22,11 @@ CLI_NAMES = ("cli", "nats_cron_cli")  # the folder and the installed import pack
 
 # Rank of each module: an import must go to a strictly lower rank (no cycles, and
 # modules of one rank are siblings that do not import each other).
-RANK = {
+RANK: dict[str, float] = {
     "errors": 0,
     "protocol": 0,
     "durations": 1,
+    "modes": 1.5,
     "cron": 1,
     "_bridge": 1,
     "_gate": 1,
@@ -81,7 +82,9 @@ ALLOWED: dict[str, set[str]] = {
     "_kvwrite": {"errors", "protocol"},  # pipelined compare-and-set writes; nats only
     "_wire": {"errors"},  # protocol bytes straight to the socket
     "settings": {"errors", "durations"},
-    "spec": {"errors", "durations", "cron"},
+    # A job's delivery field: pure.
+    "modes": {"errors", "durations"},
+    "spec": {"errors", "durations", "cron", "modes"},
     "_writeback": {"errors", "_gate", "_tasks", "_kvwrite"},
     "codec": {"errors", "durations", "cron", "spec"},
     "connection": {"errors", "settings"},
@@ -89,7 +92,7 @@ ALLOWED: dict[str, set[str]] = {
     "agenda": {"errors", "durations", "cron", "spec"},
     "history": {"errors", "_watch", "protocol"},
     # What a job fires, read from its document: pure.
-    "plan": {"errors", "durations", "spec"},
+    "plan": {"errors", "durations", "spec", "modes"},
     # Requests in flight and what their replies mean: nats only, knows nothing of jobs.
     "delivery": {"errors", "durations", "protocol"},
     # Retry records in the leader bucket and their timer: knows nothing of firing.
@@ -209,7 +212,19 @@ ALLOWED: dict[str, set[str]] = {
 }
 
 # Modules that must stay pure (no I/O): no NATS client library.
-PURE = {"errors", "durations", "cron", "settings", "spec", "codec", "agenda", "_mirror", "plan"}
+PURE = {
+    "errors",
+    "durations",
+    "cron",
+    "settings",
+    "spec",
+    "modes",
+    "codec",
+    "agenda",
+    "_mirror",
+    "plan",
+    "events",
+}
 
 
 def package_modules() -> dict[str, Path]:

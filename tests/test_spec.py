@@ -16,12 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nats_apscheduler.errors import SpecError
+from nats_apscheduler.modes import DeliverySpec, RetrySpec
 from nats_apscheduler.spec import (
     HEADER_RESERVE,
-    DeliverySpec,
     EveryTrigger,
     JobSpec,
-    RetrySpec,
     delivery_of,
     parse_duration,
     parse_job,

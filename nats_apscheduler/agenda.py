@@ -276,8 +276,8 @@ class Agenda:
             heapq.heappush(self._heap, entry)
 
     def defer(self, entry: Entry, at: float) -> None:
-        """Put a popped entry back, due again at `at`, its slot not handled (not fired for
-        lack of room: its slot is resolved when it is popped again)."""
+        """Put a popped entry back, due at `at`, its slot not handled (it waited for room in
+        flight: its slot is resolved when it is popped again)."""
         entry.at = at
         if self._entries.get(entry.job_id) is entry:
             entry.n = next(self._n)

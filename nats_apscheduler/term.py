@@ -13,9 +13,10 @@ every `mark_interval` seconds (see `progress`); a stored mark also confirms the 
 before it, and only then are one-shot jobs that fired (and jobs past their `end`) deleted.
 
 Jobs whose fires await a reply (`request`, `jetstream`) are bounded by the instance's
-in-flight limit: a due slot of such a job finds no room, it is put back unresolved (tried
-again every `DEFER` seconds) and the progress mark stays below its due time until it is
-sent, so a crash never loses it; publish-mode jobs fire on regardless. A request job with
+in-flight limit: a due slot of such a job that finds no room waits, unresolved, in a queue
+outside the agenda (looked at every `DEFER` seconds, first come first served, without
+touching the agenda's heap meanwhile), and the progress mark stays below its due time until
+it is sent, so a crash never loses it; publish-mode jobs fire on regardless. A request job with
 `overlap: skip` whose previous run is still going (in flight, or waiting for a retry) has
 its slot recorded as `skipped`. The term also sends the next attempts of failed runs
 (`retry.Retries`) when they are due.
@@ -24,6 +25,7 @@ its slot recorded as `skipped`. The term also sends the next attempts of failed 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import Callable
@@ -113,7 +115,8 @@ class Term:
         self.slices = 0
         self.longest_slice = 0.0  #: seconds, the longest the loop was held by one slice
         self._retries = retries
-        # Entries put back for lack of room in flight: job id -> (entry, its due time).
+        # Entries waiting for room in flight (in order), with their due times by job id.
+        self._waiting: collections.deque[Entry] = collections.deque()
         self._held: dict[str, tuple[Entry, float]] = {}
         self._room = 0  # room in flight left in the current slice
         self.deferred = 0  #: due slots put back for lack of room in flight
@@ -148,7 +151,9 @@ class Term:
         drained = False
         budget = self._slice_jobs
         deadline = began + self._slice_seconds
-        self._room = self._firer.room()
+        self._room = room = self._firer.room()
+        if self._waiting and room > 0:
+            self._release(now_ts, room)
         while True:
             want = min(_CHECK_EVERY, budget)
             batch = self.agenda.pop_due(now_ts, want)
@@ -179,7 +184,10 @@ class Term:
         if not drained:
             return 0.0
         at = self.agenda.next_at()
-        return None if at is None else max(0.0, at - time.time())
+        wait = None if at is None else max(0.0, at - time.time())
+        if self._waiting and (wait is None or wait > DEFER):
+            return DEFER  # look for room again
+        return wait
 
     def _work(
         self,
@@ -205,11 +213,13 @@ class Term:
             logger.bind(job_id=job.id).error("refusing to fire an invalid job document: {}", exc)
             self.agenda.advance(entry, None)
             return
-        if plan.delivery.tracked:
+        if plan.delivery.mode != "publish":
             if self._room <= 0:
                 # No room in flight: not resolved, so not handled; the mark stays below it.
-                self._held.setdefault(entry.job_id, (entry, self._due(entry)))
-                self.agenda.defer(entry, now.timestamp() + DEFER)
+                held = self._held.get(entry.job_id)
+                if held is None or held[0] is not entry:  # (a replaced entry no longer holds)
+                    self._held[entry.job_id] = (entry, self._due(entry))
+                self._waiting.append(entry)
                 self.deferred += 1
                 return
             self._held.pop(entry.job_id, None)
@@ -254,12 +264,21 @@ class Term:
     ) -> None:
         """Fire `slot`, or record it as skipped (overlap: skip, the previous run going)."""
         delivery = plan.delivery
-        if delivery.overlap == "skip" and self._firer.running[plan.subject]:
-            skips.append(Skip(plan.subject, 1, slot, slot, False, False, kind="skipped"))
-            return
-        if delivery.tracked:
+        if delivery.mode != "publish":
+            if delivery.overlap == "skip" and self._firer.running[plan.subject]:
+                skips.append(Skip(plan.subject, 1, slot, slot, False, False, kind="skipped"))
+                return
             self._room -= 1
         fires.append(Fire(plan, slot, caught_up))
+
+    def _release(self, now_ts: float, room: int) -> None:
+        """Entries that waited for room go back on the agenda, due now, as room allows."""
+        waiting = self._waiting
+        while waiting and room > 0:
+            entry = waiting.popleft()
+            if self.agenda.holds(entry):  # not replaced by a change of its job meanwhile
+                self.agenda.defer(entry, now_ts)
+                room -= 1
 
     @staticmethod
     def _due(entry: Entry) -> float:

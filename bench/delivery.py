@@ -152,6 +152,9 @@ async def run(server: LocalServer, mode: str, args: argparse.Namespace) -> dict[
         memory = proc_status(proc.proc.pid)
         await asyncio.sleep(args.slow_s + 1.0)  # the last slow replies of the window
         after = await asyncio.to_thread(scrape, port)
+        # Quiet first: the observer finishes once its socket goes quiet, which a firing
+        # service never lets happen.
+        await asyncio.to_thread(proc.stop)
         responder.stdin.write(b"stop\n")
         await responder.stdin.drain()
         done = json.loads(await asyncio.wait_for(responder.stdout.readline(), 60))

@@ -32,6 +32,14 @@ async def main(cfg: dict[str, Any]) -> None:
     slow_s = float(cfg.get("slow_s") or 0)
     records: list[tuple[str, str, float]] = []
 
+    late: set[asyncio.Task[None]] = set()
+
+    def reply_late(reply: str) -> None:
+        if not nc.is_closed:  # (stopped meanwhile: the request has timed out for good)
+            task = loop.create_task(nc.publish(reply, b"slow"))
+            late.add(task)
+            task.add_done_callback(late.discard)
+
     async def on_msg(msg: Msg) -> None:
         received = time.time()
         headers = msg.headers or {}
@@ -40,7 +48,7 @@ async def main(cfg: dict[str, Any]) -> None:
             return
         index = int(msg.subject.rsplit(".", 1)[1])
         if slow_every and index % slow_every == 0:
-            loop.call_later(slow_s, lambda: loop.create_task(nc.publish(msg.reply, b"slow")))
+            loop.call_later(slow_s, reply_late, msg.reply)
         else:
             await nc.publish(msg.reply, b"ok")
 

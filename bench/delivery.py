@@ -208,7 +208,9 @@ async def run(server: LocalServer, mode: str, args: argparse.Namespace) -> dict[
         "rss_mb": memory.get("VmRSS"),
         "outcomes_in_window_and_after": outcomes,
         "responder_cpu_s": done.get("cpu_s"),
-        "log_warnings": sum(1 for ln in proc.lines if ln.get("level") in ("warning", "error")),
+        "log_warnings": [
+            ln.get("msg") for ln in proc.lines if ln.get("level") in ("warning", "error")
+        ][:5],
     }
     lat = result["lateness_others"]
     note(

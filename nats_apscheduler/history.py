@@ -1,11 +1,13 @@
-"""Run history in a JetStream stream, and the run state of every job rebuilt from it.
+"""Run history: the events stream, and the run state of every job rebuilt from it.
 
-A history record is a JSON object per run outcome, published on
-`nats-cron.history.<stream>.<job subject>` (the stream name is part of the subject so that
-several deployments, or tests, on one server never overlap) and kept by a stream with a
-per-subject limit. Every record carries what is needed to rebuild a job's run state from it
-alone: a run's slot, actual time, outcome and error, and the job's run count so far; a
-record of slots that did not fire (`missed`) carries the last run's fields instead.
+Every run outcome is an event, a JSON object published on `<prefix>.<job subject>`
+(`nats-cron.events.<job subject>` by default; deployments, or tests, sharing one server
+each take their own prefix) and kept by a stream with a per-subject limit. An event has
+`subject`, `scheduled`, `actual`, `attempt`, `outcome`, `duration`, `error` (and more: see
+the README), and carries what is needed to rebuild a job's run state from it alone: the
+job's run count so far, and its last success and consecutive failures where the outcome
+does not tell them; an event of slots that did not fire (`missed`, `skipped`) carries the
+last run's fields instead.
 
 `RunStates` holds that run state for every job: the leader writes it as it fires; the
 other instances follow the stream (the last record per job, then every new one), so that
@@ -30,19 +32,26 @@ from nats.js.api import DiscardPolicy, StreamConfig
 from nats.js.kv import KeyValue
 
 from nats_apscheduler._watch import Feed
-from nats_apscheduler.protocol import HISTORY_PREFIX
+from nats_apscheduler.protocol import EVENTS_PREFIX
 
 
 class History:
-    """The history stream of one deployment."""
+    """The events stream of one deployment."""
 
-    def __init__(self, nc: Client, stream: str, depth: int, replicas: int = 1) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        stream: str,
+        depth: int,
+        replicas: int = 1,
+        prefix: str = EVENTS_PREFIX,
+    ) -> None:
         self._nc = nc
         self._js = nc.jetstream()
         self.stream = stream
         self.depth = depth
         self.replicas = replicas
-        self.prefix = f"{HISTORY_PREFIX}.{stream}"
+        self.prefix = prefix
 
     def subject(self, job_subject: str) -> str:
         return f"{self.prefix}.{job_subject}"
@@ -94,6 +103,8 @@ class RunState:
     run_count: int = 0
     last_error: str | None = None
     last_outcome: str | None = None
+    last_success: str | None = None  #: `actual` of the last fire (publish) or success
+    consecutive_failures: int = 0  #: failed attempts since the last success
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -102,12 +113,19 @@ class RunState:
             "run_count": self.run_count,
             "last_error": self.last_error,
             "last_outcome": self.last_outcome,
+            "last_success": self.last_success,
+            "consecutive_failures": self.consecutive_failures,
         }
 
 
-#: Outcomes of a run that delivered (or tried to deliver) a message; others (`missed`)
-#: only report slots that were not fired.
-RUN_OUTCOMES = frozenset({"fired", "caught_up", "error"})
+#: Outcomes that mean the message was handed over: a publish (`fired`, `caught_up`), a
+#: reply (`succeeded`), a PubAck (`stored`).
+SUCCESS_OUTCOMES = frozenset({"fired", "caught_up", "succeeded", "stored"})
+#: Outcomes of an attempt that did not deliver (`error`: records of earlier versions).
+FAILURE_OUTCOMES = frozenset({"failed", "timeout", "no_responders", "error"})
+#: Outcomes of a run that delivered (or tried to deliver) a message; others (`missed`,
+#: `skipped`) only report slots that were not fired.
+RUN_OUTCOMES = SUCCESS_OUTCOMES | FAILURE_OUTCOMES
 
 
 class RunStates:
@@ -153,6 +171,15 @@ class RunStates:
         runs = record.get("runs")
         if isinstance(runs, int) and not isinstance(runs, bool):
             state.run_count = runs
+        if outcome in SUCCESS_OUTCOMES:
+            state.last_success = record.get("actual")
+            state.consecutive_failures = 0
+        else:  # carried by the record where the outcome does not tell
+            if "last_success" in record:
+                state.last_success = record.get("last_success")
+            failures = record.get("consecutive_failures")
+            if isinstance(failures, int) and not isinstance(failures, bool):
+                state.consecutive_failures = failures
 
     # --- following the stream -----------------------------------------------------------------
 

@@ -180,6 +180,8 @@ class JobManager:
         doc["run_count"] = state.run_count if state else 0
         doc["last_error"] = state.last_error if state else None
         doc["last_outcome"] = state.last_outcome if state else None
+        doc["last_success"] = state.last_success if state else None
+        doc["consecutive_failures"] = state.consecutive_failures if state else 0
         doc["revision"] = self._store.revision(subject)
         return doc
 

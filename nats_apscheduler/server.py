@@ -33,6 +33,7 @@ from nats.aio.client import Client
 from nats_apscheduler._wire import Wire
 from nats_apscheduler.agenda import display_next
 from nats_apscheduler.connection import connect
+from nats_apscheduler.delivery import Deliveries
 from nats_apscheduler.election import Election
 from nats_apscheduler.errors import NatsCronError
 from nats_apscheduler.fire import FIRE_REF, rfc3339
@@ -76,6 +77,7 @@ class NatsCron:
         self.leadership: Leadership
         self.scheduler: BatchScheduler
         self.wire: Wire
+        self.deliveries: Deliveries
         self.history: History
         self.states: RunStates
         self.jobs: JobManager
@@ -123,8 +125,12 @@ class NatsCron:
         )
         self.store.on_failure = lambda exc: self._fail(f"job store failed: {exc}")
         await _provision(self.store.open, "the jobs bucket")
-        self.history = History(nc, s.history_stream, s.history_depth, s.replicas)
-        await _provision(self.history.ensure, "the history stream")
+        self.history = History(
+            nc, s.events_stream, s.events_depth, s.replicas, prefix=s.events_prefix
+        )
+        await _provision(self.history.ensure, "the events stream")
+        self.deliveries = Deliveries(nc, s.max_in_flight)
+        await self.deliveries.start()
         self.states = RunStates(self.history)
         if s.shards == 1:
             await self.states.follow(nc)  # the standby's copy of the leader's run state
@@ -147,7 +153,10 @@ class NatsCron:
                 shards_held=lambda: len(self.leadership.held()),
                 handovers=lambda: self.leadership.handovers,
                 unconfirmed=lambda: self.leadership.unconfirmed,
-            )
+                in_flight=lambda: self.deliveries.in_flight,
+                in_flight_limit=lambda: self.deliveries.limit,
+            ),
+            per_subject=s.metrics_subjects,
         )
         self.leadership = Leadership(
             nc,
@@ -163,6 +172,7 @@ class NatsCron:
             self.wire,
             self.metrics,
             catch_up=self.store.catch_up,
+            deliveries=self.deliveries,
         )
         if s.shards > 1:
             # Other shards' leaders write their run state: follow it, but not our own.
@@ -215,6 +225,13 @@ class NatsCron:
                 log.warning("stopping with unwritten job changes")
         if hasattr(self, "service"):
             await self.service.stop()
+        if hasattr(self, "deliveries"):
+            dropped = await self.deliveries.stop()
+            if dropped:
+                log.warning(
+                    "stopping with {} request(s) in flight: their outcomes are not recorded",
+                    dropped,
+                )
         if hasattr(self, "states"):
             await self.states.pause()
         if hasattr(self, "loop_monitor"):
@@ -263,6 +280,7 @@ class NatsCron:
             "started_at": rfc3339(self.started_at) if self.started_at else None,
             "uptime_seconds": round(time.monotonic() - self._started_mono, 3),
             "history_prefix": self.history.prefix,
+            "in_flight": self.deliveries.in_flight,
         }
 
     # --- RunView (what `get` and `list` report besides the record) -------------------------------
@@ -285,6 +303,7 @@ class NatsCron:
     def _on_job_change(self, job_id: str, job: Job | None) -> None:
         if job is None:
             self.states.drop(job_id)
+            self.metrics.forget(job_id)
         if self.leadership.changed(job_id, job):
             self.scheduler.wakeup()
 

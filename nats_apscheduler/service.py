@@ -382,7 +382,9 @@ class CronService:
         status = dict(self._status())
         status["changes_subject"] = protocol.CHANGES_PREFIX
         if self._history is not None:
-            status["history_subject"] = self._history.prefix
+            status["events_subject"] = self._history.prefix
+            status["history_subject"] = self._history.prefix  # its name before events
+            status["dead_letter_subject"] = protocol.DEAD_PREFIX
         return status
 
 

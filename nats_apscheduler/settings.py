@@ -8,6 +8,7 @@ scheduler's own settings share the `NATS_CRON_` prefix. Flags override both.
 from __future__ import annotations
 
 import dataclasses
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,6 +19,10 @@ from nats_apscheduler.durations import parse_duration
 from nats_apscheduler.errors import ConfigError, SpecError
 
 MAX_SHARDS = 1024
+_TOKEN = re.compile(r"[-/_=a-zA-Z0-9]+")
+# The API's own subject trees under `nats-cron.` (protocol.py); an events prefix there
+# would mix events into them.
+_API_TOKENS = ("jobs", "status", "changes", "dead")
 LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
 # "auto": text on a terminal, JSON lines otherwise (resolved by the application).
 LOG_FORMATS = ("auto", "text", "json")
@@ -111,6 +116,17 @@ def _int(environ: Mapping[str, str], key: str, default: int, low: int = 1) -> in
     return value
 
 
+def _bool(environ: Mapping[str, str], key: str, default: bool) -> bool:
+    text = (environ.get(key) or "").strip().lower()
+    if not text:
+        return default
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(key, f"{text!r} is not true or false")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything `nats-cron serve` is configured with."""
@@ -121,15 +137,18 @@ class Settings:
     instance_id: str = field(default_factory=socket.gethostname)
     jobs_bucket: str = "nats-cron-jobs"
     leader_bucket: str = "nats-cron-leader"
-    history_stream: str = "NATS_CRON_HISTORY"
+    events_stream: str = "NATS_CRON_EVENTS"  # the run history (SPEC §10)
+    events_prefix: str = "nats-cron.events"  # events go to <prefix>.<job subject>
     replicas: int = 1
     lease_ttl: timedelta = timedelta(seconds=2)
     grace: timedelta = timedelta(hours=1)
     min_interval: timedelta = timedelta(seconds=1)
-    history_depth: int = 100
+    events_depth: int = 100  # events kept per job
+    max_in_flight: int = 10_000  # requests and JetStream publishes awaiting their reply
     shards: int = 1  # fixed per deployment (recorded in the leader bucket)
     metrics_port: int | None = None  # None: no metrics/health endpoint
     metrics_host: str = "0.0.0.0"
+    metrics_subjects: bool = True  # per-job series (off for deployments with very many jobs)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -149,15 +168,27 @@ class Settings:
             instance_id=environ.get("INSTANCE_ID") or socket.gethostname(),
             jobs_bucket=environ.get("NATS_CRON_JOBS_BUCKET") or cls.jobs_bucket,
             leader_bucket=environ.get("NATS_CRON_LEADER_BUCKET") or cls.leader_bucket,
-            history_stream=environ.get("NATS_CRON_HISTORY_STREAM") or cls.history_stream,
+            # The former names of the events settings (the history stream) still work.
+            events_stream=environ.get("NATS_CRON_EVENTS_STREAM")
+            or environ.get("NATS_CRON_HISTORY_STREAM")
+            or cls.events_stream,
+            events_prefix=environ.get("NATS_CRON_EVENTS_PREFIX") or cls.events_prefix,
             replicas=_int(environ, "NATS_CRON_REPLICAS", 1),
             lease_ttl=_duration(environ, "NATS_CRON_LEASE_TTL", cls.lease_ttl),
             grace=_duration(environ, "NATS_CRON_GRACE", cls.grace),
             min_interval=_duration(environ, "NATS_CRON_MIN_INTERVAL", cls.min_interval),
-            history_depth=_int(environ, "NATS_CRON_HISTORY_DEPTH", 100),
+            events_depth=_int(
+                environ,
+                "NATS_CRON_EVENTS_DEPTH"
+                if environ.get("NATS_CRON_EVENTS_DEPTH")
+                else "NATS_CRON_HISTORY_DEPTH",
+                100,
+            ),
+            max_in_flight=_int(environ, "NATS_CRON_MAX_IN_FLIGHT", cls.max_in_flight),
             shards=_int(environ, "NATS_CRON_SHARDS", 1),
             metrics_port=_int(environ, "NATS_CRON_METRICS_PORT", 0, low=0) if metrics else None,
             metrics_host=environ.get("NATS_CRON_METRICS_HOST") or cls.metrics_host,
+            metrics_subjects=_bool(environ, "NATS_CRON_METRICS_SUBJECTS", True),
         )
 
     def override(self, **changes: Any) -> Settings:
@@ -173,4 +204,24 @@ class Settings:
             raise ConfigError("lease_ttl", "must be whole seconds (the server's per-key TTL unit)")
         if not 1 <= self.shards <= MAX_SHARDS:
             raise ConfigError("shards", f"must be from 1 to {MAX_SHARDS}")
+        if self.max_in_flight < 1:
+            raise ConfigError("max_in_flight", "must be at least 1")
+        if self.events_depth < 1:
+            raise ConfigError("events_depth", "must be at least 1")
+        _check_prefix(self.events_prefix)
         return self
+
+
+def _check_prefix(prefix: str) -> None:
+    """The events prefix: a concrete subject, not one of the API's own subjects."""
+    where = "events_prefix (NATS_CRON_EVENTS_PREFIX)"
+    if prefix.startswith("$"):
+        raise ConfigError(where, f"{prefix!r}: subjects starting with $ are reserved for NATS")
+    tokens = prefix.split(".")
+    if not prefix or any(not t or not _TOKEN.fullmatch(t) for t in tokens):
+        raise ConfigError(
+            where,
+            f"{prefix!r} must be a subject: tokens of letters, digits and - / _ = joined by .",
+        )
+    if tokens[0] == "nats-cron" and len(tokens) > 1 and tokens[1] in _API_TOKENS:
+        raise ConfigError(where, f"{prefix!r} would overlap the API's subjects")

@@ -22,10 +22,11 @@ CLI_NAMES = ("cli", "nats_cron_cli")  # the folder and the installed import pack
 
 # Rank of each module: an import must go to a strictly lower rank (no cycles, and
 # modules of one rank are siblings that do not import each other).
-RANK = {
+RANK: dict[str, float] = {
     "errors": 0,
     "protocol": 0,
     "durations": 1,
+    "modes": 1.5,
     "cron": 1,
     "_bridge": 1,
     "_gate": 1,
@@ -43,20 +44,24 @@ RANK = {
     "codec": 3,
     "connection": 3,
     "agenda": 3,
+    "plan": 3,
+    "delivery": 3,
+    "retry": 3,
     "history": 3,
     "election": 3,
     "client": 3,
     "progress": 4,
-    "fire": 4,
+    "events": 4,
+    "fire": 5,
     "store": 4,
-    "term": 5,
+    "term": 6,
     "shards": 3,
-    "jobs": 5,
-    "scheduler": 6,
-    "service": 6,
-    "leadership": 7,
-    "server": 8,
-    "__init__": 9,  # the public API: re-exports only
+    "jobs": 6,
+    "scheduler": 7,
+    "service": 7,
+    "leadership": 8,
+    "server": 9,
+    "__init__": 10,  # the public API: re-exports only
 }
 
 # What each module may import from the package ("__init__" is `import nats_apscheduler`).
@@ -77,19 +82,40 @@ ALLOWED: dict[str, set[str]] = {
     "_kvwrite": {"errors", "protocol"},  # pipelined compare-and-set writes; nats only
     "_wire": {"errors"},  # protocol bytes straight to the socket
     "settings": {"errors", "durations"},
-    "spec": {"errors", "durations", "cron"},
+    # A job's delivery field: pure.
+    "modes": {"errors", "durations"},
+    "spec": {"errors", "durations", "cron", "modes"},
     "_writeback": {"errors", "_gate", "_tasks", "_kvwrite"},
     "codec": {"errors", "durations", "cron", "spec"},
     "connection": {"errors", "settings"},
     # The leader's schedule: triggers and marks, pure.
     "agenda": {"errors", "durations", "cron", "spec"},
     "history": {"errors", "_watch", "protocol"},
+    # What a job fires, read from its document: pure.
+    "plan": {"errors", "durations", "spec", "modes"},
+    # Requests in flight and what their replies mean: nats only, knows nothing of jobs.
+    "delivery": {"errors", "durations", "protocol"},
+    # Retry records in the leader bucket and their timer: knows nothing of firing.
+    "retry": {"errors", "_tasks", "_watch", "_kvwrite", "protocol"},
     # Knows nothing of APScheduler, jobs or firing.
     "election": {"errors", "durations", "_tasks", "_watch", "protocol"},
     "client": {"errors", "durations", "spec", "protocol"},
     "progress": {"errors", "_wire", "agenda", "protocol"},
+    # What the events stream and the dead letter subject receive: pure.
+    "events": {"errors", "_wire", "delivery", "history", "plan", "protocol"},
     # What a fire is: needs the job document and the history, not the store nor the election.
-    "fire": {"errors", "durations", "cron", "spec", "_wire", "history", "protocol"},
+    "fire": {
+        "errors",
+        "durations",
+        "cron",
+        "spec",
+        "_wire",
+        "history",
+        "protocol",
+        "plan",
+        "delivery",
+        "events",
+    },
     "store": {
         "errors",
         "durations",
@@ -105,7 +131,17 @@ ALLOWED: dict[str, set[str]] = {
         "_writeback",
     },
     # A leader's term: the agenda, the fires and the progress mark; the store through a port.
-    "term": {"errors", "_tasks", "agenda", "fire", "progress", "history", "spec", "shards"},
+    "term": {
+        "errors",
+        "_tasks",
+        "agenda",
+        "fire",
+        "progress",
+        "history",
+        "spec",
+        "shards",
+        "retry",
+    },
     "jobs": {"errors", "durations", "cron", "spec", "store", "fire", "history", "agenda"},
     "scheduler": {"term"},
     # Which lease covers which jobs, who is alive, the fair share: knows nothing of firing.
@@ -115,10 +151,13 @@ ALLOWED: dict[str, set[str]] = {
         "errors",
         "_tasks",
         "_wire",
+        "_kvwrite",
+        "delivery",
         "election",
         "fire",
         "history",
         "progress",
+        "retry",
         "scheduler",
         "shards",
         "term",
@@ -145,6 +184,7 @@ ALLOWED: dict[str, set[str]] = {
         "jobs",
         "service",
         "observe",
+        "delivery",
     },
     # The public API re-exports from public modules only.
     "__init__": {
@@ -172,7 +212,19 @@ ALLOWED: dict[str, set[str]] = {
 }
 
 # Modules that must stay pure (no I/O): no NATS client library.
-PURE = {"errors", "durations", "cron", "settings", "spec", "codec", "agenda", "_mirror"}
+PURE = {
+    "errors",
+    "durations",
+    "cron",
+    "settings",
+    "spec",
+    "modes",
+    "codec",
+    "agenda",
+    "_mirror",
+    "plan",
+    "events",
+}
 
 
 def package_modules() -> dict[str, Path]:

@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import nats
 import pytest
@@ -69,7 +70,8 @@ def env(fresh_server: EmbeddedNatsServer, bucket: str) -> dict[str, str]:
         "NATS_URL": fresh_server.url,
         "NATS_CRON_JOBS_BUCKET": f"{bucket}-jobs",
         "NATS_CRON_LEADER_BUCKET": f"{bucket}-leader",
-        "NATS_CRON_HISTORY_STREAM": f"H{bucket}".replace("-", "_"),
+        "NATS_CRON_EVENTS_STREAM": f"H{bucket}".replace("-", "_"),
+        "NATS_CRON_EVENTS_PREFIX": f"ev.{bucket}",
         "NATS_CRON_LEASE_TTL": "2s",
         "NATS_CRON_METRICS_HOST": "127.0.0.1",
         "LOG_LEVEL": "info",
@@ -184,3 +186,63 @@ async def test_metrics_and_health_while_jobs_fire(env, started, fresh_server, bu
     )
     assert unhealthy.returncode != 0, unhealthy
     assert b"503" in unhealthy.stderr
+
+
+def _metrics(per_subject: bool) -> Any:
+    from nats_apscheduler.observe import Metrics, State
+
+    state = State(
+        is_leader=lambda: True,
+        jobs=lambda: 2,
+        leader_changes=lambda: 1,
+        refresh_failures=lambda: 0,
+        connected=lambda: True,
+        ready=lambda: True,
+        in_flight=lambda: 3,
+        in_flight_limit=lambda: 10,
+    )
+    return Metrics(state, per_subject=per_subject)
+
+
+def _samples(metrics: Any) -> Samples:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(metrics.exposition().decode())
+        for s in family.samples
+    }
+
+
+@pytest.mark.parametrize("per_subject", [True, False])
+def test_outcomes_last_success_and_the_opt_out_of_per_subject_series(per_subject: bool) -> None:
+    """Fires are counted by outcome with each job's last success; without per-subject series
+    (many jobs) the same counts come without the `subject` label and no per-job gauge."""
+    metrics = _metrics(per_subject)
+    metrics.on_fire("a.pub", "fired", 0.002, False, at=1000.0)
+    metrics.on_sent("b.req", 0.003, True)
+    metrics.on_outcome("b.req", "failed", 1001.0)
+    metrics.on_outcome("b.req", "succeeded", 1002.0)
+    metrics.on_outcome("c.req", "skipped", 1003.0)
+    metrics.on_dead_letter("c.req")
+    samples = _samples(metrics)
+
+    def get(name: str, job: str | None = None, **labels: str) -> float | None:
+        if job is not None and per_subject:
+            labels["subject"] = job
+        return samples.get((name, frozenset(labels.items())))
+
+    assert get("nats_cron_fires_total", "a.pub", outcome="fired") == 1
+    assert get("nats_cron_fires_total", "b.req", outcome="failed") == 1
+    assert get("nats_cron_fires_total", "b.req", outcome="succeeded") == 1
+    assert get("nats_cron_fires_total", "c.req", outcome="skipped") == 1
+    assert get("nats_cron_caught_up_slots_total", "b.req") == 1
+    assert get("nats_cron_dead_letters_total", "c.req") == 1
+    assert get("nats_cron_fire_lateness_seconds_count") == 2  # the fire and the request
+    assert get("nats_cron_runs_in_flight") == 3 and get("nats_cron_runs_in_flight_limit") == 10
+    gauge = "nats_cron_last_success_timestamp_seconds"
+    if not per_subject:
+        assert not [key for key in samples if key[0] == gauge]
+        assert b"subject=" not in metrics.exposition()
+        return
+    assert get(gauge, "a.pub") == 1000.0 and get(gauge, "b.req") == 1002.0
+    metrics.forget("a.pub")  # a deleted job's gauge goes
+    assert (gauge, frozenset({("subject", "a.pub")})) not in _samples(metrics)

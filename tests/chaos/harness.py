@@ -173,7 +173,8 @@ class ChaosRun:
         self._env = {
             "NATS_CRON_JOBS_BUCKET": f"chaos-{self.run_id}-jobs",
             "NATS_CRON_LEADER_BUCKET": f"chaos-{self.run_id}-leader",
-            "NATS_CRON_HISTORY_STREAM": f"CHAOS_H_{self.run_id}",
+            "NATS_CRON_EVENTS_STREAM": f"CHAOS_H_{self.run_id}",
+            "NATS_CRON_EVENTS_PREFIX": f"chaos-ev.{self.run_id}",
             "NATS_CRON_REPLICAS": str(replicas),
             "NATS_CRON_LEASE_TTL": f"{cfg.lease_ttl}s",
             "NATS_CRON_SHARDS": str(cfg.shards),

@@ -362,7 +362,12 @@ class Term:
 
     async def _mark_loop(self) -> None:
         while not self._closed:
-            await self._dirty.wait()
+            if not self._dirty.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._dirty.wait(), self._mark_interval)
+                if not self._dirty.is_set():
+                    self._follow_applied()
+                    continue
             self._dirty.clear()
             with contextlib.suppress(MarkTakenOver):
                 if await self._write_mark():
@@ -372,6 +377,23 @@ class Term:
                 return
             await asyncio.sleep(self._mark_interval)
             self._dirty.set()  # not stored: try again
+
+    def _follow_applied(self) -> None:
+        """While nothing is due, move the mark up to the newest record applied. A record
+        this term acted on may come back from the bucket after the slice that handled it
+        (its own write's revision: a trigger, a forced run); a mark that names an older
+        revision would have the next leader start that record from its own origin and
+        fire its slot again."""
+        if self._closed:
+            return
+        applied = self._store.applied_seq
+        if self.processed is not None and applied <= self.processed.applied:
+            return
+        at = self.agenda.next_at()
+        if (at is not None and at <= time.time()) or not self._fence():
+            return  # a slice is due (it marks), or this term may no longer speak
+        self.processed = Mark(self._handled(datetime.now(UTC)), applied)
+        self._dirty.set()
 
     async def _write_mark(self) -> bool:
         mark = self.processed

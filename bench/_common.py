@@ -252,7 +252,8 @@ def serve_env(url: str, name: str, log_level: str = "info") -> dict[str, str]:
         "NATS_URL": url,
         "NATS_CRON_JOBS_BUCKET": f"{name}-jobs",
         "NATS_CRON_LEADER_BUCKET": f"{name}-leader",
-        "NATS_CRON_HISTORY_STREAM": f"H_{name}",
+        "NATS_CRON_EVENTS_STREAM": f"H_{name}",
+        "NATS_CRON_EVENTS_PREFIX": f"ev.{name}",
         "LOG_LEVEL": log_level,
     }
 
@@ -596,3 +597,24 @@ async def connect(url: str) -> Client:
 
 def sleep_until(ts: float) -> Any:
     return asyncio.sleep(max(0.0, ts - time.time()))
+
+
+async def wait_spread(nc: Client, shards: int, instances: int, timeout: float = 30.0) -> None:
+    """Wait until every shard is led and no instance holds more than its fair share."""
+    from nats_apscheduler.client import CronClient
+
+    api = CronClient(nc, timeout=5)
+    share = math.ceil(shards / instances)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            status = await api.status()
+            held: dict[str, int] = {}
+            for shard in status.get("shards") or []:
+                if shard.get("owner"):
+                    held[shard["owner"]] = held.get(shard["owner"], 0) + 1
+            spread = len(held) == instances and sum(held.values()) == shards
+            if spread and max(held.values()) <= share:
+                return
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"{shards} shards not spread over {instances} instances")

@@ -45,6 +45,7 @@ from _common import (  # type: ignore[import-not-found]
     sleep_until,
     spread_docs,
     summary,
+    wait_spread,
 )
 from nats.aio.client import Client
 from nats.js.api import RePublish, StreamConfig
@@ -52,7 +53,9 @@ from nats.js.api import RePublish, StreamConfig
 from tests.helpers.cluster import ServeProcess
 
 WORKER_MODES = ("memory", "background", "jetstream", "memory_publish")
-ALL_MODES = (*WORKER_MODES, "service", "nats_schedules")
+# `service_k8x2`: two `serve` instances sharing 8 shards (the same jobs, the same subscriber).
+SHARDED = {"service_k8x2": (2, 8)}
+ALL_MODES = (*WORKER_MODES, "service", *SHARDED, "nats_schedules")
 _seq = 0
 
 
@@ -85,6 +88,21 @@ async def trial(
             result = await service_trial(
                 server, nc, count, duration, warmup, phases, profile_dir, interval
             )
+        elif mode in SHARDED:
+            instances, shards = SHARDED[mode]
+            result = await service_trial(
+                server,
+                nc,
+                count,
+                duration,
+                warmup,
+                phases,
+                profile_dir,
+                interval,
+                instances=instances,
+                shards=shards,
+            )
+            result["mode"] = mode
         elif mode == "nats_schedules":
             result = await schedules_trial(server, nc, count, duration, warmup)
         else:
@@ -186,27 +204,37 @@ async def service_trial(
     phases: str,
     profile_dir: Path | None,
     interval: int = 1,
+    *,
+    instances: int = 1,
+    shards: int = 1,
 ) -> dict[str, Any]:
-    tag = _tag("service", count)
+    """`instances` serve processes; with `shards` > 1 the jobs are created once every
+    instance leads its share of the shards, and CPU is the sum over the instances."""
+    tag = _tag("service" if instances == 1 else f"sh{shards}x{instances}", count)
     prefix = f"bench.{tag}"
     env = serve_env(server.url, tag)
+    env["NATS_CRON_SHARDS"] = str(shards)
     collector = FireCollector()
     sub = await collector.subscribe(nc, f"{prefix}.>")
     await nc.flush()
-    proc = PROCS.add(ServeProcess(f"{tag}-leader", env))
+    procs = [PROCS.add(ServeProcess(f"{tag}-i{n}", env)) for n in range(instances)]
+    proc = procs[0]
     try:
-        await proc.await_log("leading: firing", timeout=60)
+        await asyncio.gather(*(p.await_log("leading: firing", timeout=60) for p in procs))
+        if instances > 1:
+            await wait_spread(nc, shards, instances)
         anchor = math.floor(time.time()) - 10
         if phases == "aligned":
             docs = [every_doc(f"{prefix}.{i}", f"{interval}s", anchor) for i in range(count)]
         else:
             docs = spread_docs(prefix, count, interval, anchor)
-        # Created while the instance leads, as through its API: each job's first slot
+        # Created while the instances lead, as through the API: each job's first slot
         # is its next one, so no catch-up burst distorts the window.
         fill_s = await fill_jobs(nc, env["NATS_CRON_JOBS_BUCKET"], docs)
         w0 = math.ceil(time.time() + warmup)
         w1 = w0 + duration
-        cpu = CpuWindow({"serve": proc.proc.pid, "nats_server": server.pid, "bench": os.getpid()})
+        pids = {f"serve{n}" if n else "serve": p.proc.pid for n, p in enumerate(procs)}
+        cpu = CpuWindow({**pids, "nats_server": server.pid, "bench": os.getpid()})
         await sleep_until(w0)
         cpu.start()
         kv0 = await kv_last_seq(nc, env["NATS_CRON_JOBS_BUCKET"])
@@ -235,9 +263,13 @@ async def service_trial(
             "kv_writes": kv1 - kv0,
             "kv_writes_per_fire": round((kv1 - kv0) / max(1, stats["fired"]), 3),
         }
+        if instances > 1:
+            result["instances"], result["shards"] = instances, shards
+            serve_cpu = [cpu.result.get(name) for name in pids]
+            result["cpu_serve_total"] = round(sum(c or 0.0 for c in serve_cpu), 3)
         if profiler is not None:
             result["profile"] = await profiler.finish()
-        errors = [ln for ln in proc.lines if ln.get("level") in ("error", "warning")]
+        errors = [ln for p in procs for ln in p.lines if ln.get("level") in ("error", "warning")]
         if errors:
             result["log_warnings"] = len(errors)
             result["first_warning"] = errors[0].get("msg")
@@ -250,7 +282,8 @@ async def service_trial(
                 result["first_lease_loss"] = losses[0].get("msg")
         return result
     finally:
-        proc.stop()
+        for p in procs:
+            p.stop()
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
         await drop_service_state(nc, tag)

@@ -455,7 +455,8 @@ async def cron(cfg: dict[str, Any]) -> dict[str, Any]:
         instance_id=f"{name}-profiled",
         jobs_bucket=f"{name}-jobs",
         leader_bucket=f"{name}-leader",
-        history_stream=f"H_{name}",
+        events_stream=f"H_{name}",
+        events_prefix=f"ev.{name}",
     )
     nc = await nats.connect(cfg["url"], pending_size=64 * 1024 * 1024)
     instance = NatsCron(settings, nc=nc)
@@ -470,7 +471,7 @@ async def cron(cfg: dict[str, Any]) -> dict[str, Any]:
 
     async def seqs() -> tuple[int, int, int]:
         kv = await js.stream_info(f"KV_{settings.jobs_bucket}")
-        hist = await js.stream_info(settings.history_stream)
+        hist = await js.stream_info(settings.events_stream)
         lead = await js.stream_info(f"KV_{settings.leader_bucket}")
         return int(kv.state.last_seq), int(hist.state.last_seq), int(lead.state.last_seq)
 

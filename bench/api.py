@@ -58,7 +58,8 @@ from _common import (  # type: ignore[import-not-found]
 )
 from nats.aio.client import Client
 
-from nats_apscheduler.client import ApiError, CronClient
+from nats_apscheduler.client import CronClient
+from nats_apscheduler.errors import ApiError
 from tests.helpers.cluster import ServeProcess
 
 NAME = "api"

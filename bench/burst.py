@@ -10,10 +10,13 @@ at least `--margin` (3) s after all N are in place, so creation never overlaps t
 (creation starts right after a slot when it would otherwise end just before the next
 one: no unmeasured full herd right before the measured one). One slot per trial, then
 the scheduler is stopped. Modes, interleaved within a repeat (for each N: service,
-apscheduler, nats_schedules; then the next repeat), so drift hits all alike:
+service_k8x2, apscheduler, nats_schedules; then the next repeat), so drift hits all alike:
 - service: one real `nats-cron serve` process (metrics on a free port), the jobs created
   while it leads with `fill_jobs` (the service's own JobManager, as through its API);
   in place once `nats-cron.status` reports N jobs (the leader's copy holds them all);
+- service_k8x2: the same with two serve processes and 8 shards (`NATS_CRON_SHARDS=8`),
+  the jobs created once each leads 4 shards; CPU is the sum of both, `loop_stall_s` the
+  worse of the two (ratios `drain_k8x2_vs_service`, `cpu_k8x2_vs_service`);
 - apscheduler: the baseline, plain APScheduler 3 in a child process (bench/_worker.py,
   role `burst`): AsyncIOScheduler + MemoryJobStore, `CronTrigger(second="*/20")` per
   job, each run publishing one core message with nats-cron's headers (no grace limit);
@@ -32,7 +35,8 @@ Per trial: `fired` (distinct subjects seen for the slot), `duplicates`, `first_s
 earliest, median, 99th percentile, last), `setup_s` (creation), CPU seconds of the
 process under test from the slot to the end of the drain (service: the serve process;
 apscheduler: its child; nats_schedules: nats-server) and its RSS; for service also
-`lease_losses` (log lines "lost the lease..." from its start to the end of the herd;
+`lease_losses` (log lines "lost the lease..." from its start to the end of the herd, but
+not the handovers of shards, "lost the lease: released";
 `lease_losses_during_setup`: those before the slot), `fenced_lines` (lines containing
 "fenced"), `loop_stall_s` (the longest event-loop delay during the herd: the service's
 histogram nats_cron_loop_lag_seconds, a sample every 50 ms, scraped 1.5 s before the slot
@@ -86,6 +90,7 @@ from _common import (  # type: ignore[import-not-found]
     serve_env,
     sleep_until,
     summary,
+    wait_spread,
 )
 from _rawsub import RawSubscriber  # type: ignore[import-not-found]
 from nats.aio.client import Client
@@ -93,9 +98,12 @@ from nats.js.api import RePublish, StreamConfig
 
 from tests.helpers.cluster import ServeProcess
 
-MODES = ("service", "apscheduler", "nats_schedules")
+MODES = ("service", "service_k8x2", "apscheduler", "nats_schedules")
+SERVICES = ("service", "service_k8x2")
+SHARDED = {"service_k8x2": (2, 8)}  # instances, shards
 PERIOD = 20  # seconds between slots
 CRON = "*/20 * * * * *"
+LAG = "nats_cron_loop_lag_seconds"
 STATUS = "nats-cron.status"
 TARGETS = {
     "drain_service_vs_apscheduler": 0.6,
@@ -103,8 +111,8 @@ TARGETS = {
 }
 # Creation speed guesses (jobs/s) and fixed start-up (s), corrected by every trial; only
 # used to decide whether to begin creating now or right after the next slot.
-RATE = {"service": 3000.0, "apscheduler": 15000.0, "nats_schedules": 8000.0}
-STARTUP = {"service": 0.3, "apscheduler": 0.6, "nats_schedules": 0.1}
+RATE = {"service": 3000.0, "service_k8x2": 3000.0, "apscheduler": 15000.0, "nats_schedules": 8000.0}
+STARTUP = {"service": 0.3, "service_k8x2": 0.3, "apscheduler": 0.6, "nats_schedules": 0.1}
 _seq = 0
 
 
@@ -254,7 +262,7 @@ async def measure_slot(
     args: argparse.Namespace,
     *,
     nc: Client | None = None,
-    metrics_port: int | None = None,
+    metrics_ports: list[int] | None = None,
     rss_pid: int,
 ) -> dict[str, Any]:
     """The herd of `slot`: CPU from just before it to the end of the drain (the observer
@@ -262,10 +270,10 @@ async def measure_slot(
     the API probe and the loop-stall gauge."""
     result: dict[str, Any] = {}
     await observer.expect(slot * 1000, count)
-    lags_before = None
-    if metrics_port is not None:
+    lags_before: list[dict[float, float] | None] = []
+    if metrics_ports:
         await sleep_until(slot - 1.5)
-        lags_before = await scrape_buckets(metrics_port, "nats_cron_loop_lag_seconds")
+        lags_before = [await scrape_buckets(port, LAG) for port in metrics_ports]
     prober = None
     if nc is not None:
         await sleep_until(slot - 1.0)
@@ -279,9 +287,10 @@ async def measure_slot(
     result["end_of_drain_after_slot_s"] = round(time.time() - slot, 3)
     if prober is not None:
         result["api_latency_ms"] = await prober.stop(slot)
-    if metrics_port is not None:
-        lags_after = await scrape_buckets(metrics_port, "nats_cron_loop_lag_seconds")
-        result["loop_stall_s"] = stall_bound(lags_before, lags_after)
+    if metrics_ports:  # the worst instance's
+        lags_after = [await scrape_buckets(port, LAG) for port in metrics_ports]
+        stalls = [stall_bound(b, a) for b, a in zip(lags_before, lags_after, strict=True)]
+        result["loop_stall_s"] = None if None in stalls else max(stalls, default=None)
     cpu = {
         name: None if c1[name] is None or c0[name] is None else round(c1[name] - c0[name], 2)
         for name in cpu_pids
@@ -355,56 +364,74 @@ async def finish_observer(observer: RawSubscriber, slot: int, count: int) -> dic
 
 
 async def service_trial(
-    server: LocalServer, nc: Client, count: int, args: argparse.Namespace
+    server: LocalServer,
+    nc: Client,
+    count: int,
+    args: argparse.Namespace,
+    *,
+    instances: int = 1,
+    shards: int = 1,
 ) -> dict[str, Any]:
-    tag = _tag("service", count)
+    """`instances` serve processes sharing `shards` shards (1 and 1: the plain service).
+    With several, the jobs are created once every instance leads its share of the
+    shards; CPU is the sum over the instances, the loop stall the worst of them."""
+    mode = "service" if instances == 1 else f"service_k{shards}x{instances}"
+    tag = _tag(mode, count)
     prefix = f"burst.{tag}"
     env = {
         **serve_env(server.url, tag),
         "NATS_CRON_METRICS_PORT": "0",  # a free port, read from its log
         "NATS_CRON_METRICS_HOST": "127.0.0.1",
+        "NATS_CRON_SHARDS": str(shards),
     }
     observer = await start_observer(server, f"{prefix}.>", tag)
-    proc = PROCS.add(ServeProcess(f"{tag}-leader", env))
+    procs = [PROCS.add(ServeProcess(f"{tag}-i{n}", env)) for n in range(instances)]
     try:
-        await proc.await_log("leading: firing", timeout=60)
-        line = await proc.await_log("metrics and health on", timeout=10)
-        port = int(re.search(r":(\d+)/metrics", line["msg"]).group(1))  # type: ignore[union-attr]
+        await asyncio.gather(*(p.await_log("leading: firing", timeout=60) for p in procs))
+        ports = []
+        for p in procs:
+            line = await p.await_log("metrics and health on", timeout=10)
+            ports.append(int(re.search(r":(\d+)/metrics", line["msg"]).group(1)))  # type: ignore[union-attr]
+        if instances > 1:
+            await wait_spread(nc, shards, instances)
         docs = [
             {"target": {"subject": f"{prefix}.{i}"}, "schedule": {"cron": CRON}}
             for i in range(count)
         ]
-        waited = await room_to_create("service", count, args.margin)
+        waited = await room_to_create(mode, count, args.margin)
         t0 = time.time()
         fill_s = await fill_jobs(nc, env["NATS_CRON_JOBS_BUCKET"], docs)
         held = await wait_status_jobs(nc, count, timeout=120 + count / 500)
         setup_s = time.time() - t0
-        learn_rate("service", count, setup_s)
+        learn_rate(mode, count, setup_s)
         slot = next_slot(time.time() + args.margin)
-        note(f"service x{count}: in place after {setup_s:.1f} s; slot {iso(slot)}")
-        losses_in_setup = proc.count("lost the lease")
+        note(f"{mode} x{count}: in place after {setup_s:.1f} s; slot {iso(slot)}")
+        losses_in_setup = sum(1 for p in procs for ln in p.lines if _lease_lost(ln))
+        pids = {f"under_test_{n}" if n else "under_test": p.proc.pid for n, p in enumerate(procs)}
         herd = await measure_slot(
             observer,
             slot,
             count,
-            {
-                "under_test": proc.proc.pid,
-                "nats_server": server.pid,
-                "observer": observer.pid,
-                "bench": os.getpid(),
-            },
+            {**pids, "nats_server": server.pid, "observer": observer.pid, "bench": os.getpid()},
             args,
             nc=nc,
-            metrics_port=port,
-            rss_pid=proc.proc.pid,
+            metrics_ports=ports,
+            rss_pid=procs[0].proc.pid,
         )
+        if instances > 1:  # the service's CPU: all of its instances
+            others = herd["cpu_others_s"]
+            per = [herd["cpu_s"], *(others.pop(f"under_test_{n}") for n in range(1, instances))]
+            herd["cpu_per_instance_s"] = per
+            herd["cpu_s"] = None if None in per else round(sum(per), 2)
         # The log up to here (stopping the process logs a lease released, not lost).
-        lines, raw_lines = list(proc.lines), list(proc.raw)
-        proc.stop()
+        lines = [ln for p in procs for ln in p.lines]
+        raw_lines = [raw for p in procs for raw in p.raw]
+        for p in procs:
+            p.stop()
         stats = await finish_observer(observer, slot, count)
         warnings = [ln for ln in lines if ln.get("level") in ("error", "warning")]
         result: dict[str, Any] = {
-            "mode": "service",
+            "mode": mode,
             "count": count,
             "slot": iso(slot),
             **stats,
@@ -413,22 +440,38 @@ async def service_trial(
             "status_jobs": held,
             "waited_for_room_s": waited,
             **herd,
-            "lease_losses": sum(
-                1 for ln in lines if str(ln.get("msg", "")).startswith("lost the lease")
-            ),
+            "lease_losses": sum(1 for ln in lines if _lease_lost(ln)),
             "fenced_lines": sum(1 for raw in raw_lines if "fenced" in raw),
             "lease_losses_during_setup": losses_in_setup,
             "log_warnings": len(warnings),
         }
+        if instances > 1:
+            result["instances"], result["shards"] = instances, shards
         if warnings:
             result["first_warning"] = warnings[0].get("msg")
         return result
     finally:
-        proc.stop()
-        with contextlib.suppress(ValueError):
-            PROCS.items.remove(proc)
+        for p in procs:
+            p.stop()
+            with contextlib.suppress(ValueError):
+                PROCS.items.remove(p)
         await observer.close()
         await drop_service_state(nc, tag)
+
+
+def _lease_lost(line: dict[str, Any]) -> bool:
+    """A lease lost (expired, fenced, connection), not one handed over on purpose (with
+    shards, the first instance hands the second its share: "lost the lease: released")."""
+    msg = str(line.get("msg", ""))
+    return msg.startswith("lost the lease") and msg != "lost the lease: released"
+
+
+async def sharded_trial(
+    server: LocalServer, nc: Client, count: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Two instances, 8 shards: the same herd spread over two processes."""
+    instances, shards = SHARDED["service_k8x2"]
+    return await service_trial(server, nc, count, args, instances=instances, shards=shards)
 
 
 async def wait_status_jobs(nc: Client, count: int, timeout: float) -> int:
@@ -562,6 +605,7 @@ async def schedules_trial(
 
 TRIALS: dict[str, Callable[..., Awaitable[dict[str, Any]]]] = {
     "service": service_trial,
+    "service_k8x2": sharded_trial,
     "apscheduler": apscheduler_trial,
     "nats_schedules": schedules_trial,
 }
@@ -580,7 +624,7 @@ async def trial(
     result["wall_s"] = round(time.time() - started, 1)
     result["loadavg_1m"] = load
     extra = ""
-    if mode == "service":
+    if mode in SERVICES:
         extra = (
             f", lease losses {result.get('lease_losses')}, loop stall "
             f"{result.get('loop_stall_s')} s, api max "
@@ -614,7 +658,7 @@ SERVICE_MEDIAN_OF = ("lease_losses", "fenced_lines", "loop_stall_s")
 
 def medians(rs: list[dict[str, Any]], mode: str) -> dict[str, Any]:
     out: dict[str, Any] = {key: med(r.get(key) for r in rs) for key in MEDIAN_OF}
-    if mode == "service":
+    if mode in SERVICES:
         out.update({key: med(r.get(key) for r in rs) for key in SERVICE_MEDIAN_OF})
         api = [r.get("api_latency_ms") or {} for r in rs]
         out["api_p99_ms"] = med(a.get("p99_ms") for a in api)
@@ -640,6 +684,8 @@ def same_run_ratios(runs: dict[str, dict[int, list[dict[str, Any]]]], count: int
         "drain_service_vs_apscheduler": ("service", "drain_s", "apscheduler", "drain_s"),
         "p50_vs_drain_service": ("service", "p50_s", "service", "drain_s"),
         "drain_service_vs_nats_schedules": ("service", "drain_s", "nats_schedules", "drain_s"),
+        "drain_k8x2_vs_service": ("service_k8x2", "drain_s", "service", "drain_s"),
+        "cpu_k8x2_vs_service": ("service_k8x2", "cpu_s", "service", "cpu_s"),
     }
     out: dict[str, Any] = {}
     for name, (ma, ka, mb, kb) in pairs.items():
@@ -664,7 +710,7 @@ def checks(rs: list[dict[str, Any]], mode: str) -> dict[str, Any]:
         and all(r.get("fired") == r.get("expected") and r.get("duplicates") == 0 for r in rs),
         "errors": sum(1 for r in rs if "error" in r),
     }
-    if mode == "service":
+    if mode in SERVICES:
         out["no_lease_lost"] = bool(rs) and all(r.get("lease_losses") == 0 for r in rs)
     return out
 

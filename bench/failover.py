@@ -40,7 +40,8 @@ def env_for(url: str, name: str) -> dict[str, str]:
         "NATS_URL": url,
         "NATS_CRON_JOBS_BUCKET": f"{name}-jobs",
         "NATS_CRON_LEADER_BUCKET": f"{name}-leader",
-        "NATS_CRON_HISTORY_STREAM": f"H_{name}",
+        "NATS_CRON_EVENTS_STREAM": f"H_{name}",
+        "NATS_CRON_EVENTS_PREFIX": f"ev.{name}",
         "LOG_LEVEL": "info",
     }
 

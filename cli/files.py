@@ -24,7 +24,17 @@ from .short import definition
 
 PROGRESS_MIN = 1000  # items from which a terminal gets a progress bar
 # What `get`/`list` add to a job document: never part of a file.
-_READ_ONLY = {"next_run", "last_run", "last_scheduled", "run_count", "last_error", "revision"}
+_READ_ONLY = {
+    "next_run",
+    "last_run",
+    "last_scheduled",
+    "run_count",
+    "last_error",
+    "last_outcome",
+    "last_success",
+    "consecutive_failures",
+    "revision",
+}
 
 
 @networked

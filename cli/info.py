@@ -24,10 +24,32 @@ def _late_ms(run: dict[str, Any]) -> str:
 
 
 def _outcome(run: dict[str, Any]) -> str:
-    return str(run.get("outcome", "?")) + (f": {run['error']}" if run.get("error") else "")
+    """`succeeded in 12 ms`, `failed in 3 ms: 500 boom (next attempt 2026-...)`,
+    `stored in 1 ms (ORDERS #42)`, `fired`."""
+    text = str(run.get("outcome", "?"))
+    duration = run.get("duration")
+    if isinstance(duration, int | float) and not isinstance(duration, bool):
+        text += f" in {duration * 1000:.0f} ms"
+    if run.get("stream"):
+        text += (
+            f" ({run['stream']} #{run.get('seq')}{', duplicate' if run.get('duplicate') else ''})"
+        )
+    if run.get("error"):
+        text += f": {run['error']}"
+    if run.get("next_attempt"):
+        text += f" (attempt {int(run.get('attempt') or 0) + 1} at {run['next_attempt']})"
+    if run.get("dead_letter"):
+        text += f" (dead letter: {run['dead_letter']})"
+    return text
 
 
-_ROW = "{:<26} {:<26} {:>9}  {:<16} {:>6}  {}"
+def _attempt(run: dict[str, Any]) -> str:
+    attempt = run.get("attempt")
+    return "-" if attempt is None else str(attempt)
+
+
+_ROW = "{:<26} {:<26} {:>9}  {:>7}  {:<16} {:>6}  {}"
+_COLUMNS = ("SCHEDULED", "ACTUAL", "LATE", "ATTEMPT", "INSTANCE", "EPOCH", "OUTCOME")
 
 
 def _row(run: dict[str, Any], with_subject: bool) -> str:
@@ -35,6 +57,7 @@ def _row(run: dict[str, Any], with_subject: bool) -> str:
         str(run.get("scheduled")),
         str(run.get("actual")),
         _late_ms(run),
+        _attempt(run),
         str(run.get("instance")),
         str(run.get("epoch")),
         _outcome(run),
@@ -61,7 +84,7 @@ def history(
     *,
     net: Net,
 ) -> None:
-    """Show a job's recent runs (kept in a JetStream stream, across failovers).
+    """Show a job's recent runs and their outcomes (events kept in a JetStream stream).
 
     \b
     Examples:
@@ -83,13 +106,14 @@ def history(
         notice(f"no runs of {subject} yet")
         return
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("SCHEDULED", "ACTUAL", "LATE", "INSTANCE", "EPOCH", "OUTCOME"):
+    for column in _COLUMNS:
         table.add_column(column, no_wrap=column in ("SCHEDULED", "ACTUAL"))
     for run in runs:
         table.add_row(
-            run["scheduled"],
-            run["actual"],
+            str(run.get("scheduled")),
+            str(run.get("actual")),
             _late_ms(run),
+            _attempt(run),
             str(run.get("instance")),
             str(run.get("epoch")),
             _outcome(run),
@@ -102,12 +126,13 @@ def _follow(net: Net, subject: str, limit: int, json_out: bool) -> None:
 
     async def follow(api: CronClient) -> None:
         status = await api.status()
-        feed = await api.runs(subject, status.get("history_subject"))  # before reading
+        events = status.get("events_subject") or status.get("history_subject")
+        feed = await api.runs(subject, events)  # subscribed before reading
         try:
             shown: set[tuple[Any, ...]] = set()
             recent = [] if pattern else (await api.history(subject, limit)).get("runs") or []
             if not json_out:
-                header = _ROW.format("SCHEDULED", "ACTUAL", "LATE", "INSTANCE", "EPOCH", "OUTCOME")
+                header = _ROW.format(*_COLUMNS)
                 typer.echo(f"SUBJECT  {header}" if pattern else header)
             for run in reversed(recent):
                 shown.add(_key(run))
@@ -127,7 +152,14 @@ def _follow(net: Net, subject: str, limit: int, json_out: bool) -> None:
 
 
 def _key(run: dict[str, Any]) -> tuple[Any, ...]:
-    return (run.get("subject"), run.get("scheduled"), run.get("actual"), run.get("instance"))
+    return (
+        run.get("subject"),
+        run.get("scheduled"),
+        run.get("actual"),
+        run.get("instance"),
+        run.get("attempt"),
+        run.get("outcome"),
+    )
 
 
 def _print_run(run: dict[str, Any], with_subject: bool, json_out: bool) -> None:

@@ -12,7 +12,16 @@ import typer
 
 from nats_apscheduler import ApiError, CronClient
 
-from .output import console, jobs_table, notice, print_json, print_json_line, schedule_text
+from .output import (
+    console,
+    delivery_text,
+    jobs_table,
+    notice,
+    outcome_text,
+    print_json,
+    print_json_line,
+    schedule_text,
+)
 from .runner import (
     EXIT_CONFLICT,
     EXIT_NOT_FOUND,
@@ -189,6 +198,11 @@ def get(subject: Subject, json_out: JsonOut = False, *, net: Net) -> None:
     console.print(jobs_table([job]))
     if job.get("payload"):
         typer.echo(f"payload: {json.dumps(job['payload'])}")
+    typer.echo(f"delivery: {delivery_text(job)}")
+    if job.get("last_outcome"):
+        typer.echo(f"last outcome: {outcome_text(job.get('last_outcome'), job.get('last_error'))}")
+        typer.echo(f"last success: {job.get('last_success') or 'never'}")
+        typer.echo(f"consecutive failures: {job.get('consecutive_failures') or 0}")
     if job.get("revision") is not None:
         typer.echo(f"revision: {job['revision']}")
 

@@ -94,7 +94,7 @@ def jobs_table(jobs: list[dict[str, Any]]) -> Table:
     table.add_column("RUNS", no_wrap=True, justify="right")
     table.add_column("PAUSED", no_wrap=True)
     table.add_column(
-        "LAST ERROR", overflow="ellipsis", no_wrap=True, max_width=max(10, console.width // 5)
+        "LAST OUTCOME", overflow="ellipsis", no_wrap=True, max_width=max(12, console.width // 5)
     )
     for job in jobs:
         table.add_row(
@@ -104,9 +104,34 @@ def jobs_table(jobs: list[dict[str, Any]]) -> Table:
             when(job.get("last_run"), short=narrow),
             str(job.get("run_count", 0)),
             "yes" if job.get("paused") else "no",
-            job.get("last_error") or "-",
+            outcome_text(job.get("last_outcome"), job.get("last_error")),
         )
     return table
+
+
+def outcome_text(outcome: Any, error: Any) -> str:
+    """`succeeded`, `failed: 500 boom`; `-` before the first run."""
+    if not outcome:
+        return "-" if not error else str(error)
+    return f"{outcome}: {error}" if error else str(outcome)
+
+
+def delivery_text(job: dict[str, Any]) -> str:
+    """`request, timeout 5s, 3 attempts (1s x2 up to 1m), overlap skip`; `publish`."""
+    delivery = job.get("delivery") or {}
+    mode = delivery.get("mode", "publish")
+    parts = [str(mode)]
+    if delivery.get("timeout"):
+        parts.append(f"timeout {delivery['timeout']}")
+    retry = delivery.get("retry")
+    if isinstance(retry, dict):
+        parts.append(
+            f"{retry.get('attempts')} attempts ({retry.get('backoff')} x{retry.get('multiplier')} "
+            f"up to {retry.get('max_backoff')})"
+        )
+    if delivery.get("overlap") == "skip":
+        parts.append("overlap skip")
+    return ", ".join(parts)
 
 
 def key_values(rows: list[tuple[str, Any]]) -> Table:

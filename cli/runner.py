@@ -26,6 +26,7 @@ import typer
 
 from nats_apscheduler import (
     ApiError,
+    ConfigError,
     Connection,
     CronClient,
     NatsCronError,
@@ -72,11 +73,11 @@ def parse_timeout(text: str, where: str) -> float:
             float(text) if _SECONDS.fullmatch(text) else parse_duration(text, where).total_seconds()
         )
     except SpecError as exc:
-        raise SpecError(
+        raise ConfigError(
             where, f"{text!r} is not a number of seconds or a duration (2s, 500ms)"
         ) from exc
     if seconds <= 0:
-        raise SpecError(where, f"{text!r} must be positive")
+        raise ConfigError(where, f"{text!r} must be positive")
     return seconds
 
 
@@ -103,7 +104,7 @@ def resolve_connection(
             connection = connection.override(timeout=timeout)
         else:
             connection = connection.override(timeout=DEFAULT_TIMEOUT)
-    except SpecError as exc:
+    except ConfigError as exc:
         raise fail(str(exc), EXIT_USAGE) from None
     return connection
 

@@ -40,9 +40,12 @@ def default_data_dir() -> Path:
 def _duration(text: str | None, name: str) -> timedelta | None:
     if text is None:
         return None
-    value = parse_duration(text, name)
+    try:
+        value = parse_duration(text, name)
+    except SpecError as exc:  # a duration's own rule, reported as the flag's
+        raise ConfigError(exc.field, exc.rule) from None
     if value <= timedelta(0):
-        raise SpecError(name, f"{text!r} must be positive")
+        raise ConfigError(name, f"{text!r} must be positive")
     return value
 
 
@@ -62,8 +65,16 @@ def serve(
     leader_bucket: str | None = typer.Option(
         None, help="KV bucket of the lease (env NATS_CRON_LEADER_BUCKET)."
     ),
-    history_stream: str | None = typer.Option(
-        None, help="Stream of run history (env NATS_CRON_HISTORY_STREAM)."
+    events_stream: str | None = typer.Option(
+        None,
+        "--events-stream",
+        "--history-stream",
+        help="Stream of the run events, the history (env NATS_CRON_EVENTS_STREAM).",
+    ),
+    events_prefix: str | None = typer.Option(
+        None,
+        help="Events go to PREFIX.<job subject> (env NATS_CRON_EVENTS_PREFIX, "
+        "default nats-cron.events).",
     ),
     replicas: int | None = typer.Option(
         None, help="Replicas of buckets and stream (env NATS_CRON_REPLICAS)."
@@ -77,8 +88,16 @@ def serve(
     min_interval: str | None = typer.Option(
         None, help="Smallest `every` allowed (env NATS_CRON_MIN_INTERVAL)."
     ),
-    history_depth: int | None = typer.Option(
-        None, help="Runs kept per job (env NATS_CRON_HISTORY_DEPTH)."
+    events_depth: int | None = typer.Option(
+        None,
+        "--events-depth",
+        "--history-depth",
+        help="Events kept per job (env NATS_CRON_EVENTS_DEPTH).",
+    ),
+    max_in_flight: int | None = typer.Option(
+        None,
+        help="Requests and JetStream publishes awaiting a reply, at most "
+        "(env NATS_CRON_MAX_IN_FLIGHT, 10000).",
     ),
     shards: int | None = typer.Option(
         None,
@@ -97,6 +116,13 @@ def serve(
     ),
     metrics_host: str | None = typer.Option(
         None, help="The same as --http-host (its former name; env NATS_CRON_METRICS_HOST)."
+    ),
+    metrics_subjects: bool | None = typer.Option(
+        None,
+        "--metrics-subjects/--no-metrics-subjects",
+        help="Per-job series in /metrics (env NATS_CRON_METRICS_SUBJECTS, default on; off "
+        "for very many jobs).",
+        show_default=False,
     ),
     embedded: bool = typer.Option(
         False, "--embedded", help="Start a local nats-server with JetStream too."
@@ -122,24 +148,27 @@ def serve(
             log_format=log_format.lower() if log_format else None,
             jobs_bucket=jobs_bucket,
             leader_bucket=leader_bucket,
-            history_stream=history_stream,
+            events_stream=events_stream,
+            events_prefix=events_prefix,
             replicas=replicas,
             lease_ttl=_duration(lease_ttl, "--lease-ttl"),
             grace=_duration(grace, "--grace"),
             min_interval=_duration(min_interval, "--min-interval"),
-            history_depth=history_depth,
+            events_depth=events_depth,
+            max_in_flight=max_in_flight,
             shards=shards,
             http_port=http_port,
             http_host=http_host,
             metrics_port=metrics_port,
             metrics_host=metrics_host,
+            metrics_subjects=metrics_subjects,
         )
         # A context only when named (--context, NATS_CONTEXT): a service must not follow
         # whichever context a person last selected with `nats context select`.
         connection = resolve_connection(flags, os.environ, settings.connection, implicit=False)
         settings = settings.override(connection=connection).validate()
         if settings.log_level not in ("debug", "info", "warn", "warning", "error"):
-            raise SpecError(
+            raise ConfigError(
                 "--log-level", f"{settings.log_level!r} is not one of debug, info, warn, error"
             )
     except NatsCronError as exc:

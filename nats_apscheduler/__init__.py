@@ -8,15 +8,19 @@ from importlib.metadata import PackageNotFoundError, version
 
 from loguru import logger
 
-from nats_apscheduler.client import ApiError, CronClient, Feed, NoService
+from nats_apscheduler.client import CronClient, Feed
 from nats_apscheduler.connection import connect
 from nats_apscheduler.cron import StandardCronTrigger, fire_times, parse_cron
 from nats_apscheduler.durations import format_duration, parse_duration
 from nats_apscheduler.embedded import EmbeddedNatsServer
 from nats_apscheduler.errors import (
+    ApiError,
     ConfigError,
+    Conflict,
     DataDirInUse,
     NatsCronError,
+    NoService,
+    NotFound,
     SpecError,
     StoreError,
     WriteConflict,
@@ -40,6 +44,7 @@ logger.disable("nats_apscheduler")
 __all__ = [
     "ApiError",
     "ConfigError",
+    "Conflict",
     "Connection",
     "CronClient",
     "DataDirInUse",
@@ -51,6 +56,7 @@ __all__ = [
     "NatsCron",
     "NatsCronError",
     "NoService",
+    "NotFound",
     "Settings",
     "SpecError",
     "StandardCronTrigger",

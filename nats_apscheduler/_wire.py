@@ -84,6 +84,10 @@ class Wire:
         stats["out_msgs"] += messages
         stats["out_bytes"] += sum(len(c) for c in commands)
 
+    def max_payload(self) -> int:
+        """The server's limit on one message (headers and body); 0 if not known yet."""
+        return int(self._nc._max_payload or 0)
+
     def buffered(self) -> int:
         """Bytes written but not yet taken by the kernel (back-pressure)."""
         transport = self._nc._transport

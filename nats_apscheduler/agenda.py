@@ -275,6 +275,18 @@ class Agenda:
             entry.n = next(self._n)
             heapq.heappush(self._heap, entry)
 
+    def defer(self, entry: Entry, at: float) -> None:
+        """Put a popped entry back, due at `at`, its slot not handled (it waited for room in
+        flight: its slot is resolved when it is popped again)."""
+        entry.at = at
+        if self._entries.get(entry.job_id) is entry:
+            entry.n = next(self._n)
+            heapq.heappush(self._heap, entry)
+
+    def holds(self, entry: Entry) -> bool:
+        """True while `entry` is its job's entry (not replaced by a change, nor removed)."""
+        return self._entries.get(entry.job_id) is entry
+
     def remove(self, job_id: str) -> None:
         self._entries.pop(job_id, None)
 

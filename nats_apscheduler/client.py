@@ -15,25 +15,12 @@ from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 
 import nats_apscheduler.protocol as protocol
-from nats_apscheduler.errors import NatsCronError
+from nats_apscheduler.errors import ApiError, NatsCronError, NoService
 
 Documents = list[dict[str, Any]]  # aliased: the method `list` shadows the builtin
 # Room left in a request for the envelope and headers when `apply` fills a batch.
 _BATCH_HEADROOM = 4096
 _BATCH_ITEMS = 500  # documents per `apply` request (a request's work stays well under a second)
-
-
-class ApiError(NatsCronError):
-    """The service answered with an error (`code` is its HTTP-like status)."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-class NoService(NatsCronError):
-    """Nobody answered: no nats-cron instance is running, or it timed out."""
 
 
 class Feed:

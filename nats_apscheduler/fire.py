@@ -1,47 +1,69 @@
-"""What a fire is: the message with its headers, its history record, and the write of a whole
-batch of them to the socket, behind the fence.
+"""What a fire is: the message with its headers, its event, and the write of a whole batch of
+them to the socket, behind the fence; and, for runs that await a reply, what their outcome
+does (event, run state, metrics, retry or dead letter).
 
 `Firer.write(fires, skips)` builds every fire of a slice (one HPUB each, with
 `Nats-Msg-Id`, `Nats-Cron-Job`, `Nats-Cron-Scheduled`, `Nats-Cron-Instance`,
-`Nats-Cron-Epoch`, `Nats-Cron-Shard`) and every history record, checks the fence, and
-writes them all in one socket write, with no await between the check and the write (see
-`_wire`). Run state and metrics follow the write. Its collaborators are typed ports: a
-`Fence`, the `Wire`, the `History` subjects, the `RunStates`, and a `FireObserver` (the
-metrics).
-
-A job document names what to publish; `FirePlan` is that, read once per stored version of
-the document (`Plans`).
+`Nats-Cron-Epoch`, `Nats-Cron-Shard`, `Nats-Cron-Run-Id`, `Nats-Cron-Attempt`) and every
+event of a publish (`fired`, `caught_up`) or of slots not fired (`missed`, `skipped`),
+checks the fence, and writes them all in one socket write, with no await in between (see
+`_wire`; `events` builds the events). Fires of `request` and `jetstream` jobs leave in
+the same write with a reply subject (`delivery.Deliveries`); their event is written when
+the reply (or its deadline) settles the run (`settle`), which also schedules the next
+attempt (`RetryPort`) or sends the dead letter. Its collaborators are typed ports: a
+`Fence`, the `Wire`, the `History` subjects, the `RunStates`, `Deliveries`, a `RetryPort`
+and a `FireObserver` (the metrics).
 """
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
+import collections
 import json
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from apscheduler.job import Job
 from loguru import logger
 
 from nats_apscheduler._wire import Wire, hpub, pub
-from nats_apscheduler.durations import parse_duration
-from nats_apscheduler.errors import NotLeaderError, SpecError
+from nats_apscheduler.delivery import Deliveries, Outcome
+from nats_apscheduler.errors import NotLeaderError
+from nats_apscheduler.events import Run, Skip, dead_letter, outcome_record, skip_record
 from nats_apscheduler.history import History, RunStates
-from nats_apscheduler.protocol import MSG_ID
-from nats_apscheduler.spec import payload_of, validate_subject
+from nats_apscheduler.plan import FirePlan, Plans, jitter_delay, rfc3339, slot_ms, ulid
+from nats_apscheduler.protocol import MSG_ID, dead_subject
 
 FIRE_REF = "nats_apscheduler.fire:fire"
 
-# Headers of every fire (SPEC §3); Nats-Msg-Id is `<subject>:<slot, unix ms>`.
+# Headers of every fire (SPEC §3, §10); Nats-Msg-Id is `<subject>:<slot, unix ms>`.
 H_JOB = "Nats-Cron-Job"
 H_SCHEDULED = "Nats-Cron-Scheduled"
 H_INSTANCE = "Nats-Cron-Instance"
 H_EPOCH = "Nats-Cron-Epoch"
 H_SHARD = "Nats-Cron-Shard"
+H_RUN_ID = "Nats-Cron-Run-Id"  # `<subject>:<slot, unix ms>:<attempt>`
+H_ATTEMPT = "Nats-Cron-Attempt"  # 1 for the slot's first attempt
+
+__all__ = [
+    "FIRE_REF",
+    "Fence",
+    "Fire",
+    "FireObserver",
+    "FirePlan",
+    "Firer",
+    "Plans",
+    "RetryPort",
+    "Run",
+    "Skip",
+    "fire",
+    "jitter_delay",
+    "rfc3339",
+    "slot_ms",
+    "ulid",
+]
 
 
 async def fire(**kwargs: Any) -> None:
@@ -53,121 +75,14 @@ async def fire(**kwargs: Any) -> None:
     raise NotLeaderError("nats-cron jobs fire only through a nats-cron instance's leader")
 
 
-def rfc3339(value: datetime) -> str:
-    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def slot_ms(value: datetime) -> int:
-    return int(value.timestamp() * 1000)
-
-
-def jitter_delay(subject: str, slot: datetime, jitter: timedelta | float) -> float:
-    """A delay in [0, jitter) derived from the job and the slot, the same on every instance."""
-    seconds = jitter.total_seconds() if isinstance(jitter, timedelta) else jitter
-    if seconds <= 0:
-        return 0.0
-    digest = hashlib.sha256(f"{subject}:{slot_ms(slot)}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 * seconds
-
-
-# ULIDs: Crockford's base32, two characters (10 bits) per table lookup.
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-_PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]
-_ulid_stamp: tuple[int, str] = (-1, "")
-
-
-def ulid(ms: int) -> bytes:
-    """A ULID for the unix time `ms`: 10 characters of time, 16 of randomness (what the Go
-    version sends as the body of a job without payload). Not for secrets."""
-    global _ulid_stamp
-    if _ulid_stamp[0] != ms:  # a herd shares its millisecond
-        _ulid_stamp = (
-            ms,
-            "".join(_PAIRS[(ms >> shift) & 1023] for shift in (40, 30, 20, 10, 0)),
-        )
-    bits = random.getrandbits(80)
-    noise = "".join(_PAIRS[(bits >> shift) & 1023] for shift in (70, 60, 50, 40, 30, 20, 10, 0))
-    return (_ulid_stamp[1] + noise).encode()
-
-
-@dataclass(frozen=True, slots=True)
-class FirePlan:
-    """What a job publishes: its subject, its body (None: a ULID per fire) and its jitter."""
-
-    subject: str
-    body: bytes | None
-    jitter: float  # seconds
-
-    @classmethod
-    def of(cls, job_id: str, document: Any) -> FirePlan:
-        """From a stored (already validated) job document; SpecError if it is not one."""
-        if not isinstance(document, dict):
-            raise SpecError("job document", "missing from the stored job")
-        target = document.get("target")
-        subject = target.get("subject") if isinstance(target, dict) else None
-        if not isinstance(subject, str) or subject != job_id:
-            raise SpecError("target.subject", f"{subject!r} does not match job id {job_id!r}")
-        validate_subject(subject)
-        schedule = document.get("schedule")
-        jitter = schedule.get("jitter") if isinstance(schedule, dict) else None
-        seconds = parse_duration(jitter, "schedule.jitter").total_seconds() if jitter else 0.0
-        return cls(subject, payload_of(document.get("payload")) or None, max(0.0, seconds))
-
-    def delay(self, slot: datetime) -> float:
-        return jitter_delay(self.subject, slot, self.jitter) if self.jitter else 0.0
-
-
-class Plans:
-    """`FirePlan`s per job, read once per stored version of its document."""
-
-    def __init__(self) -> None:
-        self._plans: dict[str, tuple[Any, FirePlan]] = {}
-
-    def of(self, job: Job) -> FirePlan:
-        document = job.kwargs.get("job")
-        cached = self._plans.get(job.id)
-        if cached is not None and cached[0] is document:
-            return cached[1]
-        plan = FirePlan.of(job.id, document)
-        self._plans[job.id] = (document, plan)
-        return plan
-
-    def delay(self, job: Job, slot: datetime) -> float:
-        """The job's jitter delay of `slot` (0 without jitter; read without a full plan, so
-        that building a new term's agenda of 100,000 jobs stays cheap)."""
-        document = job.kwargs.get("job")
-        schedule = document.get("schedule") if isinstance(document, dict) else None
-        if not isinstance(schedule, dict) or not schedule.get("jitter"):
-            return 0.0
-        try:
-            return self.of(job).delay(slot)
-        except SpecError:
-            return 0.0
-
-    def forget(self, job_id: str) -> None:
-        self._plans.pop(job_id, None)
-
-
 @dataclass(slots=True)
 class Fire:
-    """One slot of one job to publish."""
+    """One attempt of one slot of one job to publish."""
 
     plan: FirePlan
     slot: datetime
     caught_up: bool = False  # fired late: a missed slot after an outage or takeover
-
-
-@dataclass(slots=True)
-class Skip:
-    """Slots of one job that were due and will never fire (older than a caught-up slot, or
-    past the grace window)."""
-
-    subject: str
-    count: int
-    first: datetime
-    last: datetime
-    more: bool  # and slots before `first` (older than the grace window), not counted
-    past_grace: bool  # none of this outage's slots fired
+    attempt: int = 1
 
 
 class Fence(Protocol):
@@ -175,15 +90,33 @@ class Fence(Protocol):
 
 
 class FireObserver(Protocol):
-    """Told what was fired and skipped (the metrics)."""
+    """Told what was fired, skipped and how runs ended (the metrics)."""
 
-    def on_fire(self, subject: str, outcome: str, lateness: float, caught_up: bool) -> None: ...
+    def on_fire(
+        self, subject: str, outcome: str, lateness: float, caught_up: bool, at: float = 0.0
+    ) -> None: ...
+
+    def on_sent(self, subject: str, lateness: float, caught_up: bool) -> None: ...
+
+    def on_outcome(self, subject: str, outcome: str, at: float) -> None: ...
 
     def on_missed(self, subject: str, count: int = 1) -> None: ...
 
+    def on_dead_letter(self, subject: str) -> None: ...
+
+
+class RetryPort(Protocol):
+    """Where a failed attempt's next attempt is kept (`retry.Retries`, persisted in KV)."""
+
+    def schedule(
+        self, subject: str, slot: datetime, attempt: int, due: datetime, caught_up: bool
+    ) -> None: ...
+
+    def done(self, subject: str, slot: datetime) -> None: ...
+
 
 class Firer:
-    """Writes the fires of one instance's term."""
+    """Writes the fires of one instance's term, and settles their runs."""
 
     def __init__(
         self,
@@ -194,6 +127,8 @@ class Firer:
         states: RunStates,
         observer: FireObserver | None = None,
         shard: int = 0,
+        deliveries: Deliveries | None = None,
+        retries: RetryPort | None = None,
     ) -> None:
         self._wire = wire
         self.shard = shard
@@ -202,13 +137,23 @@ class Firer:
         self._history = history
         self._states = states
         self._observer = observer
+        self._deliveries = deliveries
+        self.retries = retries
         self.epoch = 0
+        self.closed = False  #: the term ended: outcomes are recorded, nothing is retried
         # Header values must not break the header block: the instance id is the operator's.
         self._instance_header = instance_id.replace("\r", " ").replace("\n", " ")
         self._instance_json = json.dumps(instance_id)
         self._slot_text: tuple[datetime | None, str] = (None, "")
+        #: Runs of each job in flight or waiting for their next attempt (overlap: skip).
+        self.running: collections.Counter[str] = collections.Counter()
         self.written = 0  #: fires written in this process
         self.late_writes = 0  #: slices written after the fence had passed (a stall between)
+        self.dead_letters = 0
+        # Outcome events and dead letters of settled runs, written once per loop turn (one
+        # socket write for all the replies a turn delivered, not one each).
+        self._settled: list[bytes] = []
+        self._flush: asyncio.Handle | None = None
 
     def _scheduled(self, slot: datetime) -> str:
         # A herd shares its slot: format it once.
@@ -216,13 +161,19 @@ class Firer:
             self._slot_text = (slot, rfc3339(slot))
         return self._slot_text[1]
 
+    def room(self) -> int:
+        """How many more request/JetStream fires may be sent now (the in-flight bound)."""
+        return self._deliveries.room() if self._deliveries is not None else 1 << 30
+
     def write(self, fires: Sequence[Fire], skips: Sequence[Skip] = ()) -> bool:
-        """Write `fires` and the history records of fires and skips, if the fence holds.
+        """Write `fires` and the events of publishes and skipped slots, if the fence holds.
 
         False: fenced (nothing written; the slots stay for the next leader) or not connected.
         """
         if not fires and not skips:
             return True
+        if self._settled:
+            self._write_settled()  # the events of settled runs first: they are older
         epoch = self.epoch
         # The headers every fire of this write shares, closing the header block.
         tail = (
@@ -234,32 +185,49 @@ class Firer:
         actual_ts = actual.timestamp()
         history = self._history
         states = self._states
+        deliveries = self._deliveries
         commands: list[bytes] = []
         runs: list[tuple[str, str, int, str]] = []
+        published: list[Fire] = []
+        tracked: list[tuple[str, Run]] = []
         # Skipped slots first: a caught-up fire of the same job is the newer record, and the
         # newest record per job is what a follower rebuilds the run state from.
         if history is not None:
             for skip in skips:
-                commands.append(pub(history.subject(skip.subject), self._skip_record(skip)))
+                event = skip_record(
+                    skip, states.get(skip.subject), self.instance_id, self.epoch, actual
+                )
+                commands.append(pub(history.subject(skip.subject), event))
         for item in fires:
             plan = item.plan
             subject = plan.subject
             ms = int(item.slot.timestamp() * 1000)
             scheduled = self._scheduled(item.slot)
+            attempt = item.attempt
             header = (
                 f"NATS/1.0\r\n{MSG_ID}: {subject}:{ms}\r\n{H_JOB}: {subject}\r\n"
-                f"{H_SCHEDULED}: {scheduled}\r\n{tail}"
+                f"{H_SCHEDULED}: {scheduled}\r\n{H_RUN_ID}: {subject}:{ms}:{attempt}\r\n"
+                f"{H_ATTEMPT}: {attempt}\r\n{tail}"
             ).encode()
-            commands.append(hpub(subject, "", header, plan.body or ulid(ms)))
+            body = plan.body or ulid(ms)
+            if deliveries is not None and plan.delivery.mode != "publish":
+                reply = deliveries.reply_subject()
+                commands.append(hpub(subject, reply, header, body))
+                run = Run(plan, item.slot, attempt, item.caught_up, actual_text, header, body)
+                tracked.append((reply, run))
+                continue
+            commands.append(hpub(subject, "", header, body))
+            published.append(item)
             outcome = "caught_up" if item.caught_up else "fired"
             state = states.get(subject)
-            count = (state.run_count if state is not None else 0) + 1
+            count = (state.run_count if state is not None else 0) + (attempt == 1)
             runs.append((subject, scheduled, count, outcome))
             if history is not None:
                 record = (
                     f'{{"subject":"{subject}","scheduled":"{scheduled}",'
-                    f'"actual":"{actual_text}","instance":{self._instance_json},'
-                    f'"epoch":{epoch},"outcome":"{outcome}","error":null,"runs":{count}}}'
+                    f'"actual":"{actual_text}","attempt":{attempt},"outcome":"{outcome}",'
+                    f'"duration":null,"error":null,"instance":{self._instance_json},'
+                    f'"epoch":{epoch},"run_id":"{subject}:{ms}:{attempt}","runs":{count}}}'
                 )
                 commands.append(pub(history.subject(subject), record.encode()))
         started = time.monotonic()
@@ -288,7 +256,7 @@ class Firer:
                 epoch=epoch,
             )
         for skip in skips:
-            states.state(skip.subject).last_outcome = "missed"
+            states.state(skip.subject).last_outcome = skip.kind
         for subject, scheduled, count, outcome in runs:
             state = states.state(subject)
             state.last_scheduled = scheduled
@@ -296,44 +264,135 @@ class Firer:
             state.run_count = count
             state.last_error = None
             state.last_outcome = outcome
+            state.last_success = actual_text
+            state.consecutive_failures = 0
         observer = self._observer
+        if tracked:
+            assert deliveries is not None
+            for reply, run in tracked:
+                plan = run.plan
+                subject = plan.subject
+                timeout = plan.delivery.timeout
+                deliveries.track(
+                    reply,
+                    run,
+                    self,
+                    plan.delivery.mode,
+                    timeout.total_seconds() if timeout is not None else 30.0,
+                )
+                state = states.state(subject)
+                state.last_scheduled = self._scheduled(run.slot)
+                state.last_run = actual_text
+                if run.attempt == 1:
+                    state.run_count += 1
+                    self.running[subject] += 1  # until its last attempt settles
+                if observer is not None:
+                    observer.on_sent(
+                        subject,
+                        actual_ts - run.slot.timestamp(),
+                        run.caught_up and run.attempt == 1,
+                    )
         if observer is not None:
-            for item in fires:
+            for item in published:
                 observer.on_fire(
                     item.plan.subject,
                     "caught_up" if item.caught_up else "fired",
                     actual_ts - item.slot.timestamp(),
                     item.caught_up,
+                    actual_ts,
                 )
             for skip in skips:
-                observer.on_missed(skip.subject, skip.count)
+                if skip.kind == "missed":
+                    observer.on_missed(skip.subject, skip.count)
+                else:
+                    observer.on_outcome(skip.subject, skip.kind, actual_ts)
         return True
 
-    def _skip_record(self, skip: Skip) -> bytes:
-        if skip.past_grace:
-            why = "past the grace window: not fired"
+    # --- runs that await a reply ------------------------------------------------------------
+
+    def settle(self, run: Run, outcome: Outcome) -> None:
+        """A tracked attempt ended (`delivery.Deliveries` calls this once per attempt): its
+        event and run state; then the next attempt (`retry`), the dead letter, or done."""
+        plan = run.plan
+        subject = plan.subject
+        now = datetime.now(UTC)
+        state = self._states.state(subject)
+        state.last_outcome = outcome.outcome
+        state.last_error = outcome.error
+        if outcome.ok:
+            state.last_success = run.actual
+            state.consecutive_failures = 0
         else:
-            why = "coalesced: only the latest missed slot fires"
-        count = f"{skip.count}+" if skip.more else str(skip.count)
-        state = self._states.get(skip.subject)
-        return json.dumps(
-            {
-                "subject": skip.subject,
-                "scheduled": rfc3339(skip.last),
-                "actual": rfc3339(datetime.now(UTC)),
-                "instance": self.instance_id,
-                "epoch": self.epoch,
-                "outcome": "missed",
-                "error": f"{count} slot(s) from {rfc3339(skip.first)} to "
-                f"{rfc3339(skip.last)} {why}",
-                "skipped": skip.count,
-                "first": rfc3339(skip.first),
-                "last": rfc3339(skip.last),
-                "more": skip.more,
-                # The run state as it stands (the newest record per job rebuilds it).
-                "runs": state.run_count if state is not None else 0,
-                "last_scheduled": state.last_scheduled if state is not None else None,
-                "last_run": state.last_run if state is not None else None,
-                "last_error": state.last_error if state is not None else None,
-            }
-        ).encode()
+            state.consecutive_failures += 1
+        retry = plan.delivery.retry
+        next_attempt: datetime | None = None
+        dead = False
+        if not outcome.ok and retry is not None and not self.closed:
+            if run.attempt < retry.attempts:
+                next_attempt = now + retry.delay(run.attempt)
+            else:
+                dead = True
+        extra: dict[str, Any] = {}
+        if retry is not None:
+            extra["attempts"] = retry.attempts
+        if next_attempt is not None:
+            extra["next_attempt"] = rfc3339(next_attempt)
+        if dead:
+            extra["dead_letter"] = dead_subject(subject)
+        if self._history is not None:
+            record = outcome_record(
+                run, outcome, self._states.get(subject), self.instance_id, self.epoch, extra
+            )
+            self._settled.append(pub(self._history.subject(subject), record))
+        if dead:
+            self._settled.append(dead_letter(run, outcome, self._wire.max_payload()))
+            self.dead_letters += 1
+        if self._settled and self._flush is None:
+            self._flush = asyncio.get_running_loop().call_soon(self._write_settled)
+        if not outcome.ok:
+            # Every attempt is an event; the log says only what an operator must act on
+            # (warnings repeated within 10 s are written once, see `logs`).
+            log = logger.bind(
+                subject=subject,
+                scheduled=self._scheduled(run.slot),
+                attempt=run.attempt,
+                outcome=outcome.outcome,
+            )
+            if dead:
+                log.warning("run failed {} time(s): sent to the dead letter subject", run.attempt)
+            else:
+                log.debug("run attempt failed: {}", outcome.error)
+        observer = self._observer
+        if observer is not None:
+            observer.on_outcome(subject, outcome.outcome, now.timestamp())
+            if dead:
+                observer.on_dead_letter(subject)
+        retries = self.retries
+        if next_attempt is not None and retries is not None:
+            retries.schedule(subject, run.slot, run.attempt + 1, next_attempt, run.caught_up)
+            return  # still running
+        if retries is not None and run.attempt > 1 and not self.closed:
+            retries.done(subject, run.slot)
+        if self.running[subject] > 0:
+            self.running[subject] -= 1
+            if not self.running[subject]:
+                del self.running[subject]
+
+    def _write_settled(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        commands, self._settled = self._settled, []
+        if not commands:
+            return
+        try:
+            self._wire.write(commands, messages=len(commands))
+        except ConnectionError:
+            logger.warning("{} run outcome(s) not recorded: not connected", len(commands))
+
+    def forget(self, subject: str) -> None:
+        """A run of `subject` that will not be attempted again (its job is gone)."""
+        if self.running[subject] > 0:
+            self.running[subject] -= 1
+            if not self.running[subject]:
+                del self.running[subject]

@@ -1,11 +1,13 @@
-"""Run history in a JetStream stream, and the run state of every job rebuilt from it.
+"""Run history: the events stream, and the run state of every job rebuilt from it.
 
-A history record is a JSON object per run outcome, published on
-`nats-cron.history.<stream>.<job subject>` (the stream name is part of the subject so that
-several deployments, or tests, on one server never overlap) and kept by a stream with a
-per-subject limit. Every record carries what is needed to rebuild a job's run state from it
-alone: a run's slot, actual time, outcome and error, and the job's run count so far; a
-record of slots that did not fire (`missed`) carries the last run's fields instead.
+Every run outcome is an event, a JSON object published on `<prefix>.<job subject>`
+(`nats-cron.events.<job subject>` by default; deployments, or tests, sharing one server
+each take their own prefix) and kept by a stream with a per-subject limit. An event has
+`subject`, `scheduled`, `actual`, `attempt`, `outcome`, `duration`, `error` (and more: see
+the README), and carries what is needed to rebuild a job's run state from it alone: the
+job's run count so far, and its last success and consecutive failures where the outcome
+does not tell them; an event of slots that did not fire (`missed`, `skipped`) carries the
+last run's fields instead.
 
 `RunStates` holds that run state for every job: the leader writes it as it fires; the
 other instances follow the stream (the last record per job, then every new one), so that
@@ -16,6 +18,7 @@ it fires, then pauses it: while leading, its own memory is the newest state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,19 +32,26 @@ from nats.js.api import DiscardPolicy, StreamConfig
 from nats.js.kv import KeyValue
 
 from nats_apscheduler._watch import Feed
-from nats_apscheduler.protocol import HISTORY_PREFIX
+from nats_apscheduler.protocol import EVENTS_PREFIX
 
 
 class History:
-    """The history stream of one deployment."""
+    """The events stream of one deployment."""
 
-    def __init__(self, nc: Client, stream: str, depth: int, replicas: int = 1) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        stream: str,
+        depth: int,
+        replicas: int = 1,
+        prefix: str = EVENTS_PREFIX,
+    ) -> None:
         self._nc = nc
         self._js = nc.jetstream()
         self.stream = stream
         self.depth = depth
         self.replicas = replicas
-        self.prefix = f"{HISTORY_PREFIX}.{stream}"
+        self.prefix = prefix
 
     def subject(self, job_subject: str) -> str:
         return f"{self.prefix}.{job_subject}"
@@ -93,6 +103,8 @@ class RunState:
     run_count: int = 0
     last_error: str | None = None
     last_outcome: str | None = None
+    last_success: str | None = None  #: `actual` of the last fire (publish) or success
+    consecutive_failures: int = 0  #: failed attempts since the last success
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -101,12 +113,19 @@ class RunState:
             "run_count": self.run_count,
             "last_error": self.last_error,
             "last_outcome": self.last_outcome,
+            "last_success": self.last_success,
+            "consecutive_failures": self.consecutive_failures,
         }
 
 
-#: Outcomes of a run that delivered (or tried to deliver) a message; others (`missed`)
-#: only report slots that were not fired.
-RUN_OUTCOMES = frozenset({"fired", "caught_up", "error"})
+#: Outcomes that mean the message was handed over: a publish (`fired`, `caught_up`), a
+#: reply (`succeeded`), a PubAck (`stored`).
+SUCCESS_OUTCOMES = frozenset({"fired", "caught_up", "succeeded", "stored"})
+#: Outcomes of an attempt that did not deliver (`error`: records of earlier versions).
+FAILURE_OUTCOMES = frozenset({"failed", "timeout", "no_responders", "error"})
+#: Outcomes of a run that delivered (or tried to deliver) a message; others (`missed`,
+#: `skipped`) only report slots that were not fired.
+RUN_OUTCOMES = SUCCESS_OUTCOMES | FAILURE_OUTCOMES
 
 
 class RunStates:
@@ -116,6 +135,7 @@ class RunStates:
         self._history = history
         self._states: dict[str, RunState] = {}
         self._feed: Feed | None = None
+        self._refreshed = float("-inf")  # loop time of the last full refresh
         self._skipped = 0
         #: Records of these job subjects are not applied (this instance writes them itself).
         self.ignore: Callable[[str], bool] = lambda subject: False
@@ -151,6 +171,15 @@ class RunStates:
         runs = record.get("runs")
         if isinstance(runs, int) and not isinstance(runs, bool):
             state.run_count = runs
+        if outcome in SUCCESS_OUTCOMES:
+            state.last_success = record.get("actual")
+            state.consecutive_failures = 0
+        else:  # carried by the record where the outcome does not tell
+            if "last_success" in record:
+                state.last_success = record.get("last_success")
+            failures = record.get("consecutive_failures")
+            if isinstance(failures, int) and not isinstance(failures, bool):
+                state.consecutive_failures = failures
 
     # --- following the stream -----------------------------------------------------------------
 
@@ -188,6 +217,72 @@ class RunStates:
         if self._feed is None:
             return True
         return await self._feed.catch_up(timeout)
+
+    # --- with shards: other leaders' run state read when asked, a won shard's when won --
+
+    async def refresh(self, nc: Client, subjects: list[str] | None, max_age: float = 2.0) -> None:
+        """Make the run state of `subjects` (None: every job) as fresh as the stream, for the
+        jobs this instance does not fire itself (`ignore`): one direct get per subject, or
+        one read of the last record of every job, at most every `max_age` seconds."""
+        if self._history is None:
+            return
+        loop = asyncio.get_running_loop()
+        if subjects is None:
+            if loop.time() - self._refreshed < max_age:
+                return
+            self._refreshed = loop.time()
+            await self.load(nc, lambda subject: not self.ignore(subject), timeout=10)
+            return
+        js = nc.jetstream()
+        for subject in subjects:
+            if self.ignore(subject):
+                continue
+            try:
+                msg = await js.get_msg(
+                    self._history.stream, subject=self._history.subject(subject), direct=True
+                )
+                record = json.loads(msg.data or b"")
+            except (nats.js.errors.NotFoundError, ValueError):
+                continue
+            except (nats.errors.Error, TimeoutError) as exc:
+                logger.debug("reading the run state of {}: {}", subject, exc)
+                continue
+            if isinstance(record, dict):
+                self.apply(record)
+
+    async def load(self, nc: Client, only: Callable[[str], bool], timeout: float) -> bool:
+        """Read the last record of every job from the stream and apply those of the jobs
+        `only` accepts (the shard just won); False if that did not finish in time."""
+        if self._history is None:
+            return True
+        loaded = asyncio.get_running_loop().create_future()
+
+        def handle(entry: KeyValue.Entry | None) -> None:
+            if entry is None:
+                if not loaded.done():
+                    loaded.set_result(None)
+                return
+            if not only(entry.key):
+                return
+            try:
+                record = json.loads(entry.value or b"")
+            except ValueError:
+                return
+            if isinstance(record, dict):
+                self.apply(record)
+
+        history = self._history
+        feed = Feed(nc, history.stream, history.prefix + ".", handler=handle)
+        try:
+            await feed.start()
+            await asyncio.wait_for(asyncio.shield(loaded), timeout)
+            return True
+        except (TimeoutError, nats.errors.Error) as exc:
+            logger.warning("loading the run history: {}", str(exc) or type(exc).__name__)
+            return False
+        finally:
+            with contextlib.suppress(nats.errors.Error, OSError):
+                await feed.stop()
 
     async def pause(self) -> None:
         """Stop following (this instance leads: it knows the newest state itself). A later

@@ -29,7 +29,13 @@ from loguru import logger
 
 from nats_apscheduler.agenda import display_next
 from nats_apscheduler.cron import fire_times
-from nats_apscheduler.errors import NatsCronError, SpecError, StoreError, WriteConflict
+from nats_apscheduler.errors import (
+    Conflict,
+    NotFound,
+    SpecError,
+    StoreError,
+    WriteConflict,
+)
 from nats_apscheduler.fire import FIRE_REF, rfc3339
 from nats_apscheduler.history import History, RunState
 from nats_apscheduler.spec import JobSpec, parse_job, validate_subject
@@ -43,14 +49,6 @@ _APPLY_YIELD = 100  # documents validated between two yields to the loop (fires 
 # Aliases: the method `JobManager.list` shadows the builtin inside the class.
 Documents = list[dict[str, Any]]
 Subjects = list[str]
-
-
-class NotFound(NatsCronError):
-    """No job with that subject."""
-
-
-class Conflict(NatsCronError):
-    """The job exists already, or another writer changed it concurrently."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +66,9 @@ class RunView(Protocol):
 
     def run_state(self, subject: str) -> RunState | None: ...
 
+    async def refresh(self, subjects: list[str] | None) -> None:
+        """Make the run state of `subjects` (None: all) fresh enough to answer with."""
+
 
 class RecordView:
     """A `RunView` from the records alone (no leader, no history)."""
@@ -76,6 +77,9 @@ class RecordView:
         return display_next(job, now)
 
     def run_state(self, subject: str) -> RunState | None:
+        return None
+
+    async def refresh(self, subjects: list[str] | None) -> None:
         return None
 
 
@@ -144,6 +148,11 @@ class JobManager:
     def get(self, subject: str) -> dict[str, Any]:
         return self.describe(self._job(subject))
 
+    async def refresh(self, subjects: Subjects | None = None) -> None:
+        """Before answering `get`/`list`: the run state of `subjects` (None: all) as fresh as
+        this instance can tell it (with shards, other leaders' jobs are read on demand)."""
+        await self.view.refresh(subjects)
+
     def count(self) -> int:
         return self._store.count()
 
@@ -179,6 +188,8 @@ class JobManager:
         doc["run_count"] = state.run_count if state else 0
         doc["last_error"] = state.last_error if state else None
         doc["last_outcome"] = state.last_outcome if state else None
+        doc["last_success"] = state.last_success if state else None
+        doc["consecutive_failures"] = state.consecutive_failures if state else 0
         doc["revision"] = self._store.revision(subject)
         return doc
 

@@ -2,11 +2,12 @@
 
 Each shard (see `shards`) has an `Election` on its own key. On winning one, this instance
 catches its copies of the jobs and of the run history up with KV, reads the shard's progress
-mark, claims it with its epoch, builds a `Term` for the shard's jobs and hands it to the
-scheduler; on losing one, the term is dropped at once (its fence is already down). With
-several shards, a balancing round every TTL/3 keeps this instance within its fair share:
-above it, it stops one term, stores its final mark and releases that lease (a clean
-handover). A clean stop does the same for every shard. Knows nothing of the API.
+mark, claims it with its epoch, reads the retry records of the shard's jobs (`retry`),
+builds a `Term` for the shard's jobs and hands it to the scheduler; on losing one, the term
+is dropped at once (its fence is already down). With several shards, a balancing round every
+TTL/3 keeps this instance within its fair share: above it, it stops one term, stores its final
+mark and releases that lease (a clean handover). A clean stop does the same for every shard.
+Knows nothing of the API.
 """
 
 from __future__ import annotations
@@ -23,12 +24,16 @@ from apscheduler.job import Job
 from loguru import logger
 from nats.aio.client import Client
 
+from nats_apscheduler._kvwrite import KVWrites
 from nats_apscheduler._tasks import cancel_and_wait
 from nats_apscheduler._wire import Wire
+from nats_apscheduler.delivery import Deliveries
 from nats_apscheduler.election import Election
+from nats_apscheduler.errors import MarkTakenOver
 from nats_apscheduler.fire import FireObserver, Firer, rfc3339
 from nats_apscheduler.history import History, RunStates
-from nats_apscheduler.progress import MarkTakenOver, Progress, Stored
+from nats_apscheduler.progress import Progress, Stored
+from nats_apscheduler.retry import Retries
 from nats_apscheduler.scheduler import BatchScheduler
 from nats_apscheduler.shards import (
     Members,
@@ -60,8 +65,10 @@ class Leadership:
         wire: Wire,
         observer: FireObserver | None,
         catch_up: Callable[[float], Any],
+        deliveries: Deliveries | None = None,
     ) -> None:
-        """`catch_up(timeout)`: wait until the copy of the jobs holds what KV holds."""
+        """`catch_up(timeout)`: wait until the copy of the jobs holds what KV holds;
+        `deliveries`: the instance's requests in flight (None: every fire a publish)."""
         self._nc = nc
         self.bucket = bucket
         self.instance_id = instance_id
@@ -74,6 +81,8 @@ class Leadership:
         self._wire = wire
         self._observer = observer
         self._catch_up = catch_up
+        self._deliveries = deliveries
+        self._kv_writes = KVWrites(nc, bucket)  # the retry records of every term
         self.members = Members(nc, bucket, instance_id, ttl, on_change=self._members_changed)
         self.elections = [
             Election(
@@ -104,6 +113,7 @@ class Leadership:
         first = self.elections[0]
         await first.ensure_bucket()
         await check_shards(self._nc, self.bucket, self.shards)
+        await self._kv_writes.start()
         if self.shards > 1:
             await self.members.start()  # who else is alive, before campaigning
         for election in self.elections:
@@ -125,6 +135,7 @@ class Leadership:
             await election.stop(release=True)
         for progress in self._progress.values():
             await progress.stop()
+        await self._kv_writes.stop()
 
     # --- what the instance reports ----------------------------------------------------------------
 
@@ -203,12 +214,29 @@ class Leadership:
         election = self.elections[shard]
         log = logger.bind(instance_id=self.instance_id, epoch=epoch, shard=shard)
         caught_up = await self._catch_up(self.ttl)
-        history_caught_up = await self._states.catch_up(timeout=self.ttl)
+        if self.shards == 1:
+            history_caught_up = await self._states.catch_up(timeout=self.ttl)
+        else:  # the shard's run state as the stream holds it (live records may have gaps)
+            history_caught_up = await self._states.load(
+                self._nc, lambda subject: shard_of(subject, self.shards) == shard, self.ttl
+            )
         progress = await self._progress_of(shard)
         stored = await self._claim(progress, election, epoch)
         if stored is None or election.epoch != epoch or not election.is_leader_now():
             if stored is None and election.epoch == epoch:
                 election.step_down("could not read or claim the progress mark")
+            return  # lost the lease meanwhile
+        retries = Retries(
+            self._nc,
+            self.bucket,
+            self._kv_writes,
+            election.is_leader_now,
+            owns=lambda subject: shard_of(subject, self.shards) == shard,
+            epoch=epoch,
+            instance_id=self.instance_id,
+        )
+        retries_loaded = await retries.load(timeout=self.ttl)
+        if election.epoch != epoch or not election.is_leader_now():
             return  # lost the lease meanwhile
         if self.shards == 1:
             await self._states.pause()  # its own fires are the newest run state
@@ -220,6 +248,8 @@ class Leadership:
             self._states,
             observer=self._observer,
             shard=shard,
+            deliveries=self._deliveries,
+            retries=retries,
         )
         term = Term(
             epoch,
@@ -233,15 +263,22 @@ class Leadership:
             on_deposed=election.step_down,
             shard=shard,
             shards=self.shards,
+            retries=retries,
         )
         self.terms[shard] = term
         gc.freeze()  # the agenda's entries live as long as the term (see the job store)
         term.start()
         self._scheduler.add_term(shard, term)
-        checks = (("job watch", caught_up), ("history", history_caught_up))
+        checks = (
+            ("job watch", caught_up),
+            ("history", history_caught_up),
+            ("retry records", retries_loaded),
+        )
         behind = [what for what, ok in checks if not ok]
         if stored.mark is not None:
             log = log.bind(handled=rfc3339(stored.mark.handled))
+        if retries.pending():
+            log = log.bind(retries=len(retries.pending()))
         log.info(f"leading: firing ({', '.join(behind)} behind)" if behind else "leading: firing")
 
     async def _progress_of(self, shard: int) -> Progress:

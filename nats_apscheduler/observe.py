@@ -47,6 +47,8 @@ class State:
     shards_held: Callable[[], int] = lambda: 0
     handovers: Callable[[], int] = lambda: 0
     unconfirmed: Callable[[], int] = lambda: 0
+    in_flight: Callable[[], int] = lambda: 0
+    in_flight_limit: Callable[[], int] = lambda: 0
 
 
 class _StateCollector(Collector):
@@ -80,6 +82,16 @@ class _StateCollector(Collector):
             s.unconfirmed(),
         )
         yield GaugeMetricFamily(
+            "nats_cron_runs_in_flight",
+            "Requests and JetStream publishes of this instance awaiting their reply",
+            s.in_flight(),
+        )
+        yield GaugeMetricFamily(
+            "nats_cron_runs_in_flight_limit",
+            "At most this many in flight (NATS_CRON_MAX_IN_FLIGHT); due fires beyond wait",
+            s.in_flight_limit(),
+        )
+        yield GaugeMetricFamily(
             "nats_cron_loop_lag_max_seconds",
             "Longest delay of the event loop seen since start (a stall blocks fires and lease)",
             s.loop_lag(),
@@ -111,22 +123,42 @@ def _cumulative(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str,
 class _FireCounts(Collector):
     """Per-fire counters kept in plain dicts and lists, turned into metric families at
     scrape time: on the fire path an increment is a dict update, not prometheus-client's
-    label lookup, lock and child object (a quarter of the fire path's own time)."""
+    label lookup, lock and child object (a quarter of the fire path's own time).
 
-    def __init__(self) -> None:
+    Without per-subject series (`per_subject=False`, for deployments with very many jobs)
+    the counters are kept under one key and exposed without the `subject` label, and the
+    per-job last-success gauge is left out."""
+
+    def __init__(self, per_subject: bool = True) -> None:
+        self.per_subject = per_subject
         self.fires: collections.Counter[tuple[str, str]] = collections.Counter()
         self.caught_up: collections.Counter[str] = collections.Counter()
         self.missed: collections.Counter[str] = collections.Counter()
+        self.dead: collections.Counter[str] = collections.Counter()
+        self.last_success: dict[str, float] = {}
         self.buckets = [0] * (len(LATENESS_BUCKETS) + 1)  # the last: +Inf
         self.lateness_sum = 0.0
 
     def collect(self) -> Iterator[Metric]:
+        labels = ["subject", "outcome"] if self.per_subject else ["outcome"]
         fires = CounterMetricFamily(
-            "nats_cron_fires", "Fires by job and outcome", labels=["subject", "outcome"]
+            "nats_cron_fires",
+            "Fires (attempts) by job and outcome: fired, caught_up (publish), succeeded, "
+            "failed, timeout, no_responders (request), stored, failed (jetstream), skipped",
+            labels=labels,
         )
         for (subject, outcome), count in sorted(self.fires.items()):
-            fires.add_metric([subject, outcome], count)
+            fires.add_metric([subject, outcome] if self.per_subject else [outcome], count)
         yield fires
+        if self.per_subject:
+            success = GaugeMetricFamily(
+                "nats_cron_last_success_timestamp_seconds",
+                "Unix time of each job's last success (a fire, a reply, a PubAck) here",
+                labels=["subject"],
+            )
+            for subject, at in sorted(self.last_success.items()):
+                success.add_metric([subject], at)
+            yield success
         for name, help_text, counts in (
             (
                 "nats_cron_missed_slots",
@@ -138,10 +170,17 @@ class _FireCounts(Collector):
                 "Missed slots fired late after a takeover or restart",
                 self.caught_up,
             ),
+            (
+                "nats_cron_dead_letters",
+                "Runs whose retries were exhausted (sent to nats-cron.dead.<subject>)",
+                self.dead,
+            ),
         ):
-            family = CounterMetricFamily(name, help_text, labels=["subject"])
+            family = CounterMetricFamily(
+                name, help_text, labels=["subject"] if self.per_subject else []
+            )
             for subject, count in sorted(counts.items()):
-                family.add_metric([subject], count)
+                family.add_metric([subject] if self.per_subject else [], count)
             yield family
         yield HistogramMetricFamily(
             "nats_cron_fire_lateness_seconds",
@@ -151,11 +190,16 @@ class _FireCounts(Collector):
         )
 
 
+#: Outcomes after which a job's last-success time moves.
+_SUCCESS = frozenset({"fired", "caught_up", "succeeded", "stored"})
+
+
 class Metrics:
-    def __init__(self, state: State) -> None:
+    def __init__(self, state: State, per_subject: bool = True) -> None:
         self.state = state
+        self.per_subject = per_subject
         self.registry = CollectorRegistry()
-        self._counts = _FireCounts()
+        self._counts = _FireCounts(per_subject)
         self.registry.register(self._counts)
         self.api_requests = Counter(
             "nats_cron_api_requests",
@@ -165,17 +209,50 @@ class Metrics:
         )
         self.registry.register(_StateCollector(state))
 
-    def on_fire(self, subject: str, outcome: str, lateness: float, caught_up: bool) -> None:
+    def on_fire(
+        self, subject: str, outcome: str, lateness: float, caught_up: bool, at: float = 0.0
+    ) -> None:
+        """A publish went out (`at`: when, unix time)."""
         counts = self._counts
+        if not self.per_subject:
+            subject = ""
         counts.fires[(subject, outcome)] += 1
         lateness = max(0.0, lateness)
         counts.buckets[bisect.bisect_left(LATENESS_BUCKETS, lateness)] += 1
         counts.lateness_sum += lateness
         if caught_up:
             counts.caught_up[subject] += 1
+        if self.per_subject:
+            counts.last_success[subject] = at or time.time()
+
+    def on_sent(self, subject: str, lateness: float, caught_up: bool) -> None:
+        """A request or JetStream publish went out (counted by outcome when it settles)."""
+        counts = self._counts
+        lateness = max(0.0, lateness)
+        counts.buckets[bisect.bisect_left(LATENESS_BUCKETS, lateness)] += 1
+        counts.lateness_sum += lateness
+        if caught_up:
+            counts.caught_up[subject if self.per_subject else ""] += 1
+
+    def on_outcome(self, subject: str, outcome: str, at: float) -> None:
+        """A run's attempt settled (or a slot was skipped)."""
+        counts = self._counts
+        if not self.per_subject:
+            counts.fires[("", outcome)] += 1
+            return
+        counts.fires[(subject, outcome)] += 1
+        if outcome in _SUCCESS:
+            counts.last_success[subject] = at
 
     def on_missed(self, subject: str, count: int = 1) -> None:
-        self._counts.missed[subject] += count
+        self._counts.missed[subject if self.per_subject else ""] += count
+
+    def on_dead_letter(self, subject: str) -> None:
+        self._counts.dead[subject if self.per_subject else ""] += 1
+
+    def forget(self, subject: str) -> None:
+        """A job was deleted: its last-success series goes (counters stay, as counters do)."""
+        self._counts.last_success.pop(subject, None)
 
     def fired_total(self) -> int:
         """Fires counted so far (every outcome)."""

@@ -31,6 +31,7 @@ from nats.aio.msg import Msg
 
 from nats_apscheduler._wire import Wire, headers, hpub
 from nats_apscheduler.agenda import Mark
+from nats_apscheduler.errors import MarkTakenOver
 from nats_apscheduler.protocol import EXPECTED_LAST, WRONG_LAST_SEQUENCE, is_kv_delete
 
 PROGRESS_KEY = "progress"
@@ -46,10 +47,6 @@ class Stored:
     epoch: int
     instance: str | None
     revision: int
-
-
-class MarkTakenOver(Exception):
-    """Another leader wrote the progress mark: this one is deposed."""
 
 
 class Progress:

@@ -25,6 +25,10 @@ MSG_ID = "Nats-Msg-Id"
 #: The micro framework's error headers (any `nats micro` service replies with them).
 SERVICE_ERROR = "Nats-Service-Error"
 SERVICE_ERROR_CODE = "Nats-Service-Error-Code"
+#: A server status on a message without payload (nats-py's header names): `503` on the
+#: reply subject of a message nobody subscribes to ("no responders").
+STATUS_HEADER = "Status"
+DESCRIPTION_HEADER = "Description"
 #: Added by the NATS server to a request that crossed an account import: JSON describing
 #: the requester (account, user, name, ...).
 REQUEST_INFO_HEADER = "Nats-Request-Info"
@@ -60,9 +64,14 @@ STATUS = f"{PREFIX}.status"
 # `nats-cron.changes.<job subject>` (JSON: change, subject, revision, time, instance,
 # requester, job). Subscribe to `nats-cron.changes.>` or `nats-cron.changes.<pattern>`.
 CHANGES_PREFIX = f"{PREFIX}.changes"
-# Run history records go to `nats-cron.history.<stream>.<job subject>` (history.History);
-# the `status` reply names the prefix in use (`history_subject`).
-HISTORY_PREFIX = f"{PREFIX}.history"
+# Every run outcome is an event on `<events prefix>.<job subject>` (default prefix
+# `nats-cron.events`, a setting: deployments sharing a server each take their own), kept in
+# the events stream (history.History); the `status` reply names the prefix in use
+# (`events_subject`, and `history_subject` as before).
+EVENTS_PREFIX = f"{PREFIX}.events"
+# A run whose retries are exhausted is published on `nats-cron.dead.<job subject>`, with
+# its last attempt's payload and headers plus its outcome and error.
+DEAD_PREFIX = f"{PREFIX}.dead"
 
 # Request header: validate and report what would happen, store nothing ("true").
 DRY_RUN_HEADER = "Nats-Cron-Dry-Run"
@@ -72,17 +81,23 @@ def changes_subject(subject_or_pattern: str) -> str:
     return f"{CHANGES_PREFIX}.{subject_or_pattern}"
 
 
+def dead_subject(job_subject: str) -> str:
+    return f"{DEAD_PREFIX}.{job_subject}"
+
+
 __all__ = [
     "APPLY",
     "CHANGES_PREFIX",
     "CREATE",
+    "DEAD_PREFIX",
     "DELETE",
     "DELETE_PATTERN",
+    "DESCRIPTION_HEADER",
     "DRY_RUN_HEADER",
+    "EVENTS_PREFIX",
     "EXPECTED_LAST",
     "GET",
     "HISTORY",
-    "HISTORY_PREFIX",
     "KV_DEL",
     "KV_MARKER_REASON",
     "KV_OP",
@@ -96,9 +111,11 @@ __all__ = [
     "SERVICE_ERROR",
     "SERVICE_ERROR_CODE",
     "STATUS",
+    "STATUS_HEADER",
     "TRIGGER",
     "UPDATE",
     "WRONG_LAST_SEQUENCE",
     "changes_subject",
+    "dead_subject",
     "is_kv_delete",
 ]

@@ -34,6 +34,7 @@ from nats_apscheduler._wire import Wire
 from nats_apscheduler.agenda import display_next
 from nats_apscheduler.client import CronClient
 from nats_apscheduler.connection import connect
+from nats_apscheduler.delivery import Deliveries
 from nats_apscheduler.election import Election
 from nats_apscheduler.errors import NatsCronError
 from nats_apscheduler.fire import FIRE_REF, rfc3339
@@ -79,6 +80,7 @@ class NatsCron:
         self.leadership: Leadership
         self.scheduler: BatchScheduler
         self.wire: Wire
+        self.deliveries: Deliveries
         self.history: History
         self.states: RunStates
         self.jobs: JobManager
@@ -126,10 +128,18 @@ class NatsCron:
         )
         self.store.on_failure = lambda exc: self._fail(f"job store failed: {exc}")
         await _provision(self.store.open, "the jobs bucket")
-        self.history = History(nc, s.history_stream, s.history_depth, s.replicas)
-        await _provision(self.history.ensure, "the history stream")
+        self.history = History(
+            nc, s.events_stream, s.events_depth, s.replicas, prefix=s.events_prefix
+        )
+        await _provision(self.history.ensure, "the events stream")
+        self.deliveries = Deliveries(nc, s.max_in_flight)
+        await self.deliveries.start()
         self.states = RunStates(self.history)
-        await self.states.follow(nc)
+        if s.shards == 1:
+            await self.states.follow(nc)  # the standby's copy of the leader's run state
+        # With shards, other leaders' run state is read when asked (`refresh`) and when a
+        # shard is won (`load`): following every record on every instance cost each one
+        # about a third of its CPU per fire, and the server as much again.
         self.scheduler = BatchScheduler(timezone=UTC)
         self.loop_monitor = LoopMonitor()
         self.metrics = Metrics(
@@ -146,7 +156,10 @@ class NatsCron:
                 shards_held=lambda: len(self.leadership.held()),
                 handovers=lambda: self.leadership.handovers,
                 unconfirmed=lambda: self.leadership.unconfirmed,
-            )
+                in_flight=lambda: self.deliveries.in_flight,
+                in_flight_limit=lambda: self.deliveries.limit,
+            ),
+            per_subject=s.metrics_subjects,
         )
         self.leadership = Leadership(
             nc,
@@ -162,6 +175,7 @@ class NatsCron:
             self.wire,
             self.metrics,
             catch_up=self.store.catch_up,
+            deliveries=self.deliveries,
         )
         if s.shards > 1:
             # Other shards' leaders write their run state: follow it, but not our own.
@@ -222,6 +236,13 @@ class NatsCron:
                 log.warning("stopping with unwritten job changes")
         if hasattr(self, "service"):
             await self.service.stop()
+        if hasattr(self, "deliveries"):
+            dropped = await self.deliveries.stop()
+            if dropped:
+                log.warning(
+                    "stopping with {} request(s) in flight: their outcomes are not recorded",
+                    dropped,
+                )
         if hasattr(self, "states"):
             await self.states.pause()
         if hasattr(self, "loop_monitor"):
@@ -270,6 +291,7 @@ class NatsCron:
             "started_at": rfc3339(self.started_at) if self.started_at else None,
             "uptime_seconds": round(time.monotonic() - self._started_mono, 3),
             "history_prefix": self.history.prefix,
+            "in_flight": self.deliveries.in_flight,
         }
 
     # --- RunView (what `get` and `list` report besides the record) -------------------------------
@@ -283,11 +305,16 @@ class NatsCron:
     def run_state(self, subject: str) -> RunState | None:
         return self.states.get(subject)
 
+    async def refresh(self, subjects: list[str] | None) -> None:
+        if self.settings.shards > 1:  # a standby of one shard follows the stream instead
+            await self.states.refresh(self.nc, subjects)
+
     # --- wiring callbacks ----------------------------------------------------------------------
 
     def _on_job_change(self, job_id: str, job: Job | None) -> None:
         if job is None:
             self.states.drop(job_id)
+            self.metrics.forget(job_id)
         if self.leadership.changed(job_id, job):
             self.scheduler.wakeup()
 

@@ -26,10 +26,10 @@ from nats.micro.request import Request
 from nats.micro.service import EndpointConfig, Service, ServiceConfig
 
 import nats_apscheduler.protocol as protocol
-from nats_apscheduler.errors import SpecError, StoreError
+from nats_apscheduler.errors import ApiError, Conflict, NotFound, SpecError, StoreError
 from nats_apscheduler.fire import rfc3339
 from nats_apscheduler.history import History
-from nats_apscheduler.jobs import Conflict, JobManager, NotFound
+from nats_apscheduler.jobs import JobManager
 
 SERVICE_NAME = "nats-cron"
 DESCRIPTION = "NATS Cron Scheduler"
@@ -58,13 +58,6 @@ class Call:
 
 
 Handler = Callable[[Any, Call], Awaitable[dict[str, Any] | bytes]]
-
-
-class ApiError(Exception):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 def parse_json(data: bytes, required: bool) -> Any:
@@ -280,6 +273,7 @@ class CronService:
         budget = self._nc.max_payload - _PAGE_HEADROOM
         pieces: list[bytes] = []
         size, last, more = 0, None, False
+        await self._jobs.refresh(None)
         for doc in self._jobs.list_after(after, pattern):
             piece = json.dumps(doc).encode()
             if pieces and size + len(piece) + 2 > budget:
@@ -292,7 +286,9 @@ class CronService:
         return b'{"jobs": [' + b", ".join(pieces) + b'], "next": ' + following + b"}"
 
     async def _get(self, body: Any, call: Call) -> dict[str, Any]:
-        return self._jobs.get(_field(body, "subject"))
+        subject = _field(body, "subject")
+        await self._jobs.refresh([subject])
+        return self._jobs.get(subject)
 
     async def _create(self, body: Any, call: Call) -> dict[str, Any]:
         spec = await self._jobs.create(body, dry_run=call.dry_run)
@@ -398,7 +394,9 @@ class CronService:
         status = dict(self._status())
         status["changes_subject"] = protocol.CHANGES_PREFIX
         if self._history is not None:
-            status["history_subject"] = self._history.prefix
+            status["events_subject"] = self._history.prefix
+            status["history_subject"] = self._history.prefix  # its name before events
+            status["dead_letter_subject"] = protocol.DEAD_PREFIX
         return status
 
 

@@ -8,6 +8,7 @@ scheduler's own settings share the `NATS_CRON_` prefix. Flags override both.
 from __future__ import annotations
 
 import dataclasses
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,6 +22,10 @@ MAX_SHARDS = 1024
 # The HTTP listener (dashboard, its API, /metrics, probes) binds here unless configured:
 # reachable from this machine only, since the dashboard can change jobs.
 DEFAULT_HTTP_HOST = "127.0.0.1"
+_TOKEN = re.compile(r"[-/_=a-zA-Z0-9]+")
+# The API's own subject trees under `nats-cron.` (protocol.py); an events prefix there
+# would mix events into them.
+_API_TOKENS = ("jobs", "status", "changes", "dead")
 LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
 # "auto": text on a terminal, JSON lines otherwise (resolved by the application).
 LOG_FORMATS = ("auto", "text", "json")
@@ -92,9 +97,12 @@ def _duration(environ: Mapping[str, str], key: str, default: timedelta) -> timed
     text = environ.get(key)
     if not text:
         return default
-    value = parse_duration(text, key)
+    try:
+        value = parse_duration(text, key)
+    except SpecError as exc:  # a duration's own rule, reported as the setting's
+        raise ConfigError(exc.field, exc.rule) from None
     if value <= timedelta(0):
-        raise SpecError(key, f"{text!r} must be positive")
+        raise ConfigError(key, f"{text!r} must be positive")
     return value
 
 
@@ -105,10 +113,21 @@ def _int(environ: Mapping[str, str], key: str, default: int, low: int = 1) -> in
     try:
         value = int(text)
     except ValueError:
-        raise SpecError(key, f"{text!r} is not a whole number") from None
+        raise ConfigError(key, f"{text!r} is not a whole number") from None
     if value < low:
-        raise SpecError(key, f"must be at least {low}")
+        raise ConfigError(key, f"must be at least {low}")
     return value
+
+
+def _bool(environ: Mapping[str, str], key: str, default: bool) -> bool:
+    text = (environ.get(key) or "").strip().lower()
+    if not text:
+        return default
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(key, f"{text!r} is not true or false")
 
 
 @dataclass(frozen=True)
@@ -121,12 +140,14 @@ class Settings:
     instance_id: str = field(default_factory=socket.gethostname)
     jobs_bucket: str = "nats-cron-jobs"
     leader_bucket: str = "nats-cron-leader"
-    history_stream: str = "NATS_CRON_HISTORY"
+    events_stream: str = "NATS_CRON_EVENTS"  # the run history (SPEC §10)
+    events_prefix: str = "nats-cron.events"  # events go to <prefix>.<job subject>
     replicas: int = 1
     lease_ttl: timedelta = timedelta(seconds=2)
     grace: timedelta = timedelta(hours=1)
     min_interval: timedelta = timedelta(seconds=1)
-    history_depth: int = 100
+    events_depth: int = 100  # events kept per job
+    max_in_flight: int = 10_000  # requests and JetStream publishes awaiting their reply
     shards: int = 1  # fixed per deployment (recorded in the leader bucket)
     # One HTTP listener: the dashboard and its API, /metrics, /healthz, /readyz. None: off.
     http_port: int | None = None
@@ -135,17 +156,18 @@ class Settings:
     # The same listener under its former names (NATS_CRON_METRICS_PORT/HOST); see `listen_port`.
     metrics_port: int | None = None
     metrics_host: str | None = None
+    metrics_subjects: bool = True  # per-job series (off for deployments with very many jobs)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
         level = (environ.get("LOG_LEVEL") or "info").lower()
         if level not in LOG_LEVELS:
-            raise SpecError("LOG_LEVEL", f"{level!r} is not one of debug, info, warn, error")
+            raise ConfigError("LOG_LEVEL", f"{level!r} is not one of debug, info, warn, error")
         metrics = environ.get("NATS_CRON_METRICS_PORT")
         http = environ.get("NATS_CRON_HTTP_PORT")
         log_format = (environ.get("NATS_CRON_LOG_FORMAT") or "auto").lower()
         if log_format not in LOG_FORMATS:
-            raise SpecError(
+            raise ConfigError(
                 "NATS_CRON_LOG_FORMAT", f"{log_format!r} is not one of {', '.join(LOG_FORMATS)}"
             )
         return cls(
@@ -155,18 +177,30 @@ class Settings:
             instance_id=environ.get("INSTANCE_ID") or socket.gethostname(),
             jobs_bucket=environ.get("NATS_CRON_JOBS_BUCKET") or cls.jobs_bucket,
             leader_bucket=environ.get("NATS_CRON_LEADER_BUCKET") or cls.leader_bucket,
-            history_stream=environ.get("NATS_CRON_HISTORY_STREAM") or cls.history_stream,
+            # The former names of the events settings (the history stream) still work.
+            events_stream=environ.get("NATS_CRON_EVENTS_STREAM")
+            or environ.get("NATS_CRON_HISTORY_STREAM")
+            or cls.events_stream,
+            events_prefix=environ.get("NATS_CRON_EVENTS_PREFIX") or cls.events_prefix,
             replicas=_int(environ, "NATS_CRON_REPLICAS", 1),
             lease_ttl=_duration(environ, "NATS_CRON_LEASE_TTL", cls.lease_ttl),
             grace=_duration(environ, "NATS_CRON_GRACE", cls.grace),
             min_interval=_duration(environ, "NATS_CRON_MIN_INTERVAL", cls.min_interval),
-            history_depth=_int(environ, "NATS_CRON_HISTORY_DEPTH", 100),
+            events_depth=_int(
+                environ,
+                "NATS_CRON_EVENTS_DEPTH"
+                if environ.get("NATS_CRON_EVENTS_DEPTH")
+                else "NATS_CRON_HISTORY_DEPTH",
+                100,
+            ),
+            max_in_flight=_int(environ, "NATS_CRON_MAX_IN_FLIGHT", cls.max_in_flight),
             shards=_int(environ, "NATS_CRON_SHARDS", 1),
             http_port=_int(environ, "NATS_CRON_HTTP_PORT", 0, low=0) if http else None,
             http_host=environ.get("NATS_CRON_HTTP_HOST") or None,
             http_token=environ.get("NATS_CRON_HTTP_TOKEN") or None,
             metrics_port=_int(environ, "NATS_CRON_METRICS_PORT", 0, low=0) if metrics else None,
             metrics_host=environ.get("NATS_CRON_METRICS_HOST") or None,
+            metrics_subjects=_bool(environ, "NATS_CRON_METRICS_SUBJECTS", True),
         )
 
     @property
@@ -186,13 +220,18 @@ class Settings:
 
     def validate(self) -> Settings:
         if self.log_format not in LOG_FORMATS:
-            raise SpecError("log_format", f"{self.log_format!r} is not one of text, json, auto")
+            raise ConfigError("log_format", f"{self.log_format!r} is not one of text, json, auto")
         if self.lease_ttl < timedelta(seconds=1):
-            raise SpecError("lease_ttl", "must be at least 1s (the server's per-key TTL minimum)")
+            raise ConfigError("lease_ttl", "must be at least 1s (the server's per-key TTL minimum)")
         if self.lease_ttl % timedelta(seconds=1):
-            raise SpecError("lease_ttl", "must be whole seconds (the server's per-key TTL unit)")
+            raise ConfigError("lease_ttl", "must be whole seconds (the server's per-key TTL unit)")
         if not 1 <= self.shards <= MAX_SHARDS:
-            raise SpecError("shards", f"must be from 1 to {MAX_SHARDS}")
+            raise ConfigError("shards", f"must be from 1 to {MAX_SHARDS}")
+        if self.max_in_flight < 1:
+            raise ConfigError("max_in_flight", "must be at least 1")
+        if self.events_depth < 1:
+            raise ConfigError("events_depth", "must be at least 1")
+        _check_prefix(self.events_prefix)
         self._validate_http()
         return self
 
@@ -222,3 +261,18 @@ class Settings:
                 "NATS_CRON_HTTP_TOKEN",
                 "must be printable ASCII without spaces (it travels in an Authorization header)",
             )
+
+
+def _check_prefix(prefix: str) -> None:
+    """The events prefix: a concrete subject, not one of the API's own subjects."""
+    where = "events_prefix (NATS_CRON_EVENTS_PREFIX)"
+    if prefix.startswith("$"):
+        raise ConfigError(where, f"{prefix!r}: subjects starting with $ are reserved for NATS")
+    tokens = prefix.split(".")
+    if not prefix or any(not t or not _TOKEN.fullmatch(t) for t in tokens):
+        raise ConfigError(
+            where,
+            f"{prefix!r} must be a subject: tokens of letters, digits and - / _ = joined by .",
+        )
+    if tokens[0] == "nats-cron" and len(tokens) > 1 and tokens[1] in _API_TOKENS:
+        raise ConfigError(where, f"{prefix!r} would overlap the API's subjects")

@@ -1,8 +1,8 @@
-"""The job document (SPEC §2): parsing, validation and the triggers it builds. Pure, no I/O.
+"""The job document (SPEC §2, §10): parsing, validation and the triggers it builds. Pure, no I/O.
 
 `parse_job(document)` returns a `JobSpec` or raises `SpecError(field, rule)`; no input,
 however malformed, raises anything else. pydantic checks the document's shape and
-types; the rules of subjects, durations, cron, zones and payloads live here.
+types; the rules of subjects, durations, cron, zones, payloads and delivery live here.
 """
 
 from __future__ import annotations
@@ -18,17 +18,31 @@ from zoneinfo import ZoneInfo
 
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.date import DateTrigger
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    StrictBool,
+    StrictStr,
+    ValidationError,
+)
 from ulid import ULID
 
 from nats_apscheduler.cron import StandardCronTrigger, parse_cron
 from nats_apscheduler.durations import format_duration, parse_duration
 from nats_apscheduler.errors import SpecError
+from nats_apscheduler.modes import (
+    PUBLISH,
+    DeliveryField,
+    DeliverySpec,
+    parse_delivery,
+)
 
 SERVICE_PREFIX = "nats-cron"
 DEFAULT_MIN_INTERVAL = timedelta(seconds=1)
 MAX_SUBJECT_LENGTH = 256
-HEADER_RESERVE = 512  # bytes kept free for the headers of a fire
+# Bytes kept free for the headers of a fire (plus 3x the subject, which three of them
+# repeat): the Nats-Cron-* headers, and on a dead letter its outcome and error.
+HEADER_RESERVE = 640
 _TOKEN = re.compile(r"[-/_=a-zA-Z0-9]+")
 _RFC3339 = re.compile(
     r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})?$"
@@ -164,6 +178,7 @@ class _Document(_Strict):
     target: _Target
     payload: _Payload | None = None
     schedule: _Schedule
+    delivery: DeliveryField | None = None
     paused: StrictBool | None = None
 
 
@@ -176,6 +191,8 @@ _READ_ONLY = (
     "last_error",
     "last_scheduled",
     "last_outcome",
+    "last_success",
+    "consecutive_failures",
     "revision",
 )
 
@@ -198,6 +215,7 @@ class JobSpec:
     end: datetime | None = None
     paused: bool = False
     payload_bytes: bytes | None = field(default=None, repr=False)
+    delivery: DeliverySpec = PUBLISH
 
     @property
     def kind(self) -> str:
@@ -244,6 +262,9 @@ class JobSpec:
             if self.payload_type is not None:
                 payload["type"] = self.payload_type
             doc["payload"] = payload
+        delivery = self.delivery.to_document()
+        if delivery is not None:
+            doc["delivery"] = delivery
         doc["paused"] = self.paused
         return doc
 
@@ -255,6 +276,8 @@ def _pydantic_to_spec_error(exc: ValidationError) -> SpecError:
         return SpecError(where, "unknown field")
     if first["type"] == "missing":
         return SpecError(where, "is required")
+    if first["type"] == "model_type":  # pydantic names our private model class here
+        return SpecError(where, f"must be a JSON object, not {_json_type(first.get('input'))}")
     return SpecError(where, first["msg"][0].lower() + first["msg"][1:])
 
 
@@ -360,9 +383,9 @@ def _parse_job(
 ) -> JobSpec:
     doc = _Document.model_validate(_normalise(document))
     subject = validate_subject(doc.target.subject)
-    # A fire adds the Nats-Cron-* headers (about 2x the subject plus ~300 bytes) to the
-    # body, and the whole message must fit the server's max_payload.
-    room = None if max_payload is None else max_payload - HEADER_RESERVE - 2 * len(subject)
+    # A fire adds the Nats-Cron-* headers (3x the subject plus ~300 bytes; a dead letter
+    # some more) to the body, and the whole message must fit the server's max_payload.
+    room = None if max_payload is None else max_payload - HEADER_RESERVE - 3 * len(subject)
     kind, data, body = _payload(doc.payload, room, max_payload)
     sched = doc.schedule
     given = [name for name in ("every", "cron", "at") if getattr(sched, name) is not None]
@@ -429,6 +452,7 @@ def _parse_job(
     if start and end and end <= start:
         raise SpecError("schedule.end", "must be after schedule.start")
     paused = bool(doc.paused) or bool(sched.paused)
+    delivery = parse_delivery(doc.delivery)
 
     spec = JobSpec(
         subject=subject,
@@ -445,10 +469,24 @@ def _parse_job(
         end=end,
         paused=paused,
         payload_bytes=body,
+        delivery=delivery,
     )
     if cron is not None and spec.trigger(now).get_next_fire_time(None, start or now) is None:
         raise SpecError("schedule.cron", f"{cron!r} never fires (no date matches all fields)")
     return spec
+
+
+def delivery_of(delivery: Any) -> DeliverySpec:
+    """The delivery of a stored document's `delivery` field (the fire path reads documents
+    from KV that passed `parse_job` already: the same rules)."""
+    if delivery is None:
+        return PUBLISH
+    try:
+        raw = DeliveryField.model_validate(delivery)
+    except ValidationError as exc:
+        error = _pydantic_to_spec_error(exc)
+        raise SpecError(f"delivery.{error.field}", error.rule) from None
+    return parse_delivery(raw)
 
 
 def payload_of(payload: Any) -> bytes | None:

@@ -11,11 +11,21 @@ slot up to `now` of every job in its copy of the bucket as of the jobs stream's 
 read at the slice's start: that is the next progress mark. A task writes the newest mark
 every `mark_interval` seconds (see `progress`); a stored mark also confirms the fires
 before it, and only then are one-shot jobs that fired (and jobs past their `end`) deleted.
+
+Jobs whose fires await a reply (`request`, `jetstream`) are bounded by the instance's
+in-flight limit: a due slot of such a job that finds no room waits, unresolved, in a queue
+outside the agenda (looked at every `DEFER` seconds, first come first served, without
+touching the agenda's heap meanwhile), and the progress mark stays below its due time until
+it is sent, so a crash never loses it; publish-mode jobs fire on regardless. A request job with
+`overlap: skip` whose previous run is still going (in flight, or waiting for a retry) has
+its slot recorded as `skipped`. The term also sends the next attempts of failed runs
+(`retry.Retries`) when they are due.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import Callable
@@ -27,15 +37,18 @@ from loguru import logger
 
 from nats_apscheduler._tasks import cancel_and_wait
 from nats_apscheduler.agenda import Agenda, Entry, Mark, resolve
-from nats_apscheduler.errors import SpecError
-from nats_apscheduler.fire import Fire, Firer, Plans, Skip, rfc3339
-from nats_apscheduler.progress import MarkTakenOver, Progress
+from nats_apscheduler.errors import MarkTakenOver, SpecError
+from nats_apscheduler.fire import Fire, FirePlan, Firer, Plans, Skip, rfc3339
+from nats_apscheduler.progress import Progress
+from nats_apscheduler.retry import Pending, Retries
 from nats_apscheduler.shards import shard_of
 
 SLICE_JOBS = 2000
 SLICE_SECONDS = 0.005
 MARK_INTERVAL = 0.2
 FENCED_RETRY = 0.1  # while fenced, the scheduler looks again this often (seconds)
+DEFER = 0.05  # a fire awaiting room in flight is tried again this often (seconds)
+_US = timedelta(microseconds=1)
 _CHECK_EVERY = 64  # jobs between looks at the slice's clock
 
 
@@ -71,6 +84,7 @@ class Term:
         mark_interval: float = MARK_INTERVAL,
         shard: int = 0,
         shards: int = 1,
+        retries: Retries | None = None,
     ) -> None:
         """A term of shard `shard` of `shards`: its agenda holds that shard's jobs only."""
         self.epoch = epoch
@@ -100,6 +114,12 @@ class Term:
         self._closed = False
         self.slices = 0
         self.longest_slice = 0.0  #: seconds, the longest the loop was held by one slice
+        self._retries = retries
+        # Entries waiting for room in flight (in order), with their due times by job id.
+        self._waiting: collections.deque[Entry] = collections.deque()
+        self._held: dict[str, tuple[Entry, float]] = {}
+        self._room = 0  # room in flight left in the current slice
+        self.deferred = 0  #: due slots put back for lack of room in flight
         firer.epoch = epoch
 
     # --- the scheduler's side --------------------------------------------------------------------
@@ -108,6 +128,12 @@ class Term:
         self._marker = asyncio.get_running_loop().create_task(
             self._mark_loop(), name=f"progress-marks-{self.epoch}"
         )
+        retries = self._retries
+        if retries is not None:
+            for pending in retries.pending():  # continued from the previous leader
+                self._firer.running[pending.subject] += 1
+            retries.on_due = self._retry_due
+            retries.start()
 
     def process(self) -> float | None:
         """One slice; returns seconds until the scheduler should call again (None: idle)."""
@@ -125,6 +151,9 @@ class Term:
         drained = False
         budget = self._slice_jobs
         deadline = began + self._slice_seconds
+        self._room = room = self._firer.room()
+        if self._waiting and room > 0:
+            self._release(now_ts, room)
         while True:
             want = min(_CHECK_EVERY, budget)
             batch = self.agenda.pop_due(now_ts, want)
@@ -146,7 +175,7 @@ class Term:
             self._unconfirmed += len(fires)
         self._finished.extend((now, job) for job in finished)
         if drained:
-            self.processed = Mark(now, applied)
+            self.processed = Mark(self._handled(now), applied)
             self._dirty.set()
         held = time.perf_counter() - began
         self.slices += 1
@@ -155,7 +184,10 @@ class Term:
         if not drained:
             return 0.0
         at = self.agenda.next_at()
-        return None if at is None else max(0.0, at - time.time())
+        wait = None if at is None else max(0.0, at - time.time())
+        if self._waiting and (wait is None or wait > DEFER):
+            return DEFER  # look for room again
+        return wait
 
     def _work(
         self,
@@ -181,12 +213,22 @@ class Term:
             logger.bind(job_id=job.id).error("refusing to fire an invalid job document: {}", exc)
             self.agenda.advance(entry, None)
             return
+        if plan.delivery.mode != "publish":
+            if self._room <= 0:
+                # No room in flight: not resolved, so not handled; the mark stays below it.
+                held = self._held.get(entry.job_id)
+                if held is None or held[0] is not entry:  # (a replaced entry no longer holds)
+                    self._held[entry.job_id] = (entry, self._due(entry))
+                self._waiting.append(entry)
+                self.deferred += 1
+                return
+            self._held.pop(entry.job_id, None)
         grace = job.misfire_grace_time
         if _forced_run(job):
             # A paused job triggered with force: its record's one slot, then nothing more.
             pending = entry.floor is None or entry.slot > entry.floor
             if pending and (grace is None or (now - entry.slot).total_seconds() <= grace):
-                fires.append(Fire(plan, entry.slot, entry.slot < self._since))
+                self._fire(plan, entry.slot, entry.slot < self._since, fires, skips)
             self.agenda.advance(entry, None)
             return
         slots = resolve(
@@ -212,10 +254,100 @@ class Term:
             )
         if slots.fire is not None:
             caught_up = slots.skipped > 0 or slots.fire < self._since
-            fires.append(Fire(plan, slots.fire, caught_up))
+            self._fire(plan, slots.fire, caught_up, fires, skips)
         self.agenda.advance(entry, slots.following)
         if slots.following is None:
             finished.append(job)
+
+    def _fire(
+        self, plan: FirePlan, slot: datetime, caught_up: bool, fires: list[Fire], skips: list[Skip]
+    ) -> None:
+        """Fire `slot`, or record it as skipped (overlap: skip, the previous run going)."""
+        delivery = plan.delivery
+        if delivery.mode != "publish":
+            if delivery.overlap == "skip" and self._firer.running[plan.subject]:
+                skips.append(Skip(plan.subject, 1, slot, slot, False, False, kind="skipped"))
+                return
+            self._room -= 1
+        fires.append(Fire(plan, slot, caught_up))
+
+    def _release(self, now_ts: float, room: int) -> None:
+        """Entries that waited for room go back on the agenda, due now, as room allows."""
+        waiting = self._waiting
+        while waiting and room > 0:
+            entry = waiting.popleft()
+            if self.agenda.holds(entry):  # not replaced by a change of its job meanwhile
+                self.agenda.defer(entry, now_ts)
+                room -= 1
+
+    @staticmethod
+    def _due(entry: Entry) -> float:
+        """When a popped entry's first unhandled slot was due (with a floor: nothing up to
+        the floor is unhandled)."""
+        if entry.floor is not None and entry.slot <= entry.floor:
+            return max(entry.at, entry.floor.timestamp())
+        return entry.at
+
+    def _handled(self, now: datetime) -> datetime:
+        """The next mark: `now`, or just before the earliest slot put back for lack of room
+        (never below the mark already reached)."""
+        handled = now
+        if self._held:
+            for job_id, (entry, due) in list(self._held.items()):
+                if not self.agenda.holds(entry):  # the job changed or went: not held back
+                    del self._held[job_id]
+                    continue
+                moment = datetime.fromtimestamp(due, UTC) - _US
+                if moment < handled:
+                    handled = moment
+        if self.processed is not None and handled < self.processed.handled:
+            return self.processed.handled
+        return handled
+
+    # --- retries -------------------------------------------------------------------------------
+
+    def _retry_due(self, due: list[Pending]) -> None:
+        """Send the next attempts of failed runs that are due (called by `Retries`)."""
+        retries = self._retries
+        if self._closed or retries is None:
+            return
+        if not self._fence():
+            for pending in due:
+                retries.defer(pending, FENCED_RETRY)
+            return
+        room = self._firer.room()
+        fires: list[Fire] = []
+        sent: list[Pending] = []
+        for pending in due:
+            job = self._store.lookup_job(pending.subject)
+            plan = None
+            if job is not None:
+                try:
+                    plan = self.plans.of(job)
+                except SpecError:
+                    plan = None
+            if plan is None:  # the job was deleted (or can no longer be read): no more tries
+                retries.done(pending.subject, pending.slot)
+                self._firer.forget(pending.subject)
+                continue
+            if plan.delivery.tracked:
+                if room <= 0:
+                    retries.defer(pending, DEFER)
+                    continue
+                room -= 1
+            fires.append(Fire(plan, pending.slot, pending.caught_up, pending.attempt))
+            sent.append(pending)
+        if not fires:
+            return
+        if not self._firer.write(fires):
+            self._closed = True
+            self._on_deposed("fenced while writing retries")
+            return
+        for item, pending in zip(fires, sent, strict=True):
+            if not item.plan.delivery.tracked:  # now a publish: no outcome to wait for
+                retries.done(pending.subject, pending.slot)
+                self._firer.forget(pending.subject)
+        logger.bind(epoch=self.epoch).debug("sent {} retry attempt(s)", len(fires))
 
     def changed(self, job_id: str, job: Job | None) -> bool:
         """A job's record changed (locally or in KV): True if its due time moved."""
@@ -230,7 +362,12 @@ class Term:
 
     async def _mark_loop(self) -> None:
         while not self._closed:
-            await self._dirty.wait()
+            if not self._dirty.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._dirty.wait(), self._mark_interval)
+                if not self._dirty.is_set():
+                    self._follow_applied()
+                    continue
             self._dirty.clear()
             with contextlib.suppress(MarkTakenOver):
                 if await self._write_mark():
@@ -240,6 +377,23 @@ class Term:
                 return
             await asyncio.sleep(self._mark_interval)
             self._dirty.set()  # not stored: try again
+
+    def _follow_applied(self) -> None:
+        """While nothing is due, move the mark up to the newest record applied. A record
+        this term acted on may come back from the bucket after the slice that handled it
+        (its own write's revision: a trigger, a forced run); a mark that names an older
+        revision would have the next leader start that record from its own origin and
+        fire its slot again."""
+        if self._closed:
+            return
+        applied = self._store.applied_seq
+        if self.processed is not None and applied <= self.processed.applied:
+            return
+        at = self.agenda.next_at()
+        if (at is not None and at <= time.time()) or not self._fence():
+            return  # a slice is due (it marks), or this term may no longer speak
+        self.processed = Mark(self._handled(datetime.now(UTC)), applied)
+        self._dirty.set()
 
     async def _write_mark(self) -> bool:
         mark = self.processed
@@ -275,8 +429,13 @@ class Term:
 
     async def finish(self, timeout: float) -> bool:
         """A clean end of the term (the lease is about to be released): store the newest
-        mark, so the next leader starts exactly where this one stopped."""
+        mark and the retry records, so the next leader starts exactly where this one
+        stopped."""
         self._closed = True
+        self._firer.closed = True
+        if self._retries is not None:
+            await self._retries.flush(timeout / 2)
+            await self._retries.stop()
         await cancel_and_wait([self._marker])  # a plain cancel can be lost (see _tasks)
         try:
             ok = await asyncio.wait_for(self._write_mark(), timeout)
@@ -292,8 +451,11 @@ class Term:
         """The term ended without a clean release; returns the fires not known to have
         reached the server (the next leader fires them again)."""
         self._closed = True
+        self._firer.closed = True
         if self._marker is not None:
             self._marker.cancel()
+        if self._retries is not None:
+            self._retries.halt()
         return max(0, self._unconfirmed)
 
 

@@ -37,10 +37,10 @@ from aiohttp import web
 from loguru import logger
 
 from nats_apscheduler.cron import fire_times
-from nats_apscheduler.errors import SpecError
+from nats_apscheduler.errors import ApiError, SpecError
 from nats_apscheduler.jobs import JobManager
 from nats_apscheduler.observe import Metrics
-from nats_apscheduler.service import ApiError, Call, CronService, classify, parse_json
+from nats_apscheduler.service import Call, CronService, classify, parse_json
 from nats_apscheduler.spec import parse_job
 from nats_apscheduler.words import describe
 
@@ -161,6 +161,7 @@ class WebApi:
         limit = _int(request, "limit", PAGE_DEFAULT, 1, PAGE_MAX)
         pattern = request.query.get("pattern") or None
         after = request.query.get("after") or None
+        await self._jobs.refresh(None)  # other shards' run state, as the NATS API's list does
         page = list(itertools.islice(self._jobs.list_after(after, pattern), limit + 1))
         more = len(page) > limit
         page = page[:limit]
@@ -261,6 +262,8 @@ class WebApi:
             "nats_cron_shards_held": s.shards_held(),
             "nats_cron_handovers_total": s.handovers(),
             "nats_cron_unconfirmed_fires_total": s.unconfirmed(),
+            "nats_cron_runs_in_flight": s.in_flight(),
+            "nats_cron_runs_in_flight_limit": s.in_flight_limit(),
             "nats_cron_loop_lag_max_seconds": round(s.loop_lag(), 6),
             "nats_cron_loop_lag_recent_seconds": round(s.loop_lag_recent(), 6),
             "nats_cron_api_requests_total": {k: int(v) for k, v in sorted(requests.items())},

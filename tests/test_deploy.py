@@ -35,8 +35,9 @@ import nats
 import pytest
 
 from nats_apscheduler import settings as settings_module
-from nats_apscheduler.client import ApiError, CronClient, NoService
+from nats_apscheduler.client import CronClient
 from nats_apscheduler.embedded import EmbeddedNatsServer, nats_server_binary
+from nats_apscheduler.errors import ApiError, NoService
 from nats_apscheduler.settings import Settings
 from tests.helpers.cluster import FireRecorder
 
@@ -568,6 +569,8 @@ def test_helm_chart_wires_credentials_tls_and_the_service_monitor():
         "NatsCronNoLeader",
         "NatsCronLoopStalls",
         "NatsCronMissedSlots",
+        "NatsCronRunsFailing",
+        "NatsCronDeadLetters",
         "NatsCronLateFires",
         "NatsCronDisconnected",
     }
@@ -590,6 +593,16 @@ def test_helm_chart_wires_credentials_tls_and_the_service_monitor():
     late = next(r for r in custom["PrometheusRule"]["spec"]["groups"][0]["rules"]
                 if r["alert"] == "NatsCronLateFires")  # fmt: skip
     assert late["expr"].endswith("> 2.5")
+    assert "NatsCronNoRecentSuccess" not in {r["alert"] for r in group["rules"]}  # opt-in
+    stale = render({"metrics": {"prometheusRule": {"enabled": True, "noSuccessSeconds": 7200}}})
+    (no_success,) = [
+        r
+        for r in stale["PrometheusRule"]["spec"]["groups"][0]["rules"]
+        if r["alert"] == "NatsCronNoRecentSuccess"
+    ]
+    assert no_success["expr"].endswith("> 7200")
+    used = set(re.findall(r"\bnats_cron_[a-z_]+", no_success["expr"]))
+    assert used == {"nats_cron_last_success_timestamp_seconds"} and used <= served
 
     creds = render(VARIANTS[2])
     env = _env(_container(creds))
@@ -631,6 +644,8 @@ def test_grafana_dashboard_shows_served_metrics():
             assert 'namespace=~"$namespace", service=~"$service"' in expr, expr
     assert len(titles) == len(dashboard["panels"])
     assert {"Leaders (must be 1)", "Fires by outcome", "Fire lateness"} <= titles
+    new = {"Failing runs by job", "Dead letters by job", "Time since last success by job"}
+    assert new <= titles
 
 
 def test_helm_chart_refuses_bad_values():
@@ -854,7 +869,8 @@ async def test_compose_stack_runs_on_loopback(tmp_path, processes, bucket):
             NATS_CRON_METRICS_HOST="127.0.0.1",
             NATS_CRON_JOBS_BUCKET=f"{bucket}-jobs",
             NATS_CRON_LEADER_BUCKET=f"{bucket}-leader",
-            NATS_CRON_HISTORY_STREAM=f"H{bucket}".replace("-", "_"),
+            NATS_CRON_EVENTS_STREAM=f"H{bucket}".replace("-", "_"),
+            NATS_CRON_EVENTS_PREFIX=f"ev.{bucket}",
         )
         instances[env["INSTANCE_ID"]] = proc = Proc(name, entrypoint_command(), env)
         processes.append(proc)

@@ -22,6 +22,7 @@ import pytest
 from nats.aio.client import Client
 
 from nats_apscheduler.election import LEASE_KEY, Election
+from tests.helpers.waiting import eventually
 
 TTL = 1  # seconds; the smallest lease the server accepts keeps the failover tests short
 
@@ -112,14 +113,6 @@ async def make(nats_url: str, bucket: str, board: Board) -> AsyncIterator[MakeCa
             await candidate.election.stop(release=True)
         if not candidate.nc.is_closed:
             await candidate.nc.close()
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll state that has no callback (the followers' view of the leader)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
-        await asyncio.sleep(0.01)
 
 
 def leaders(candidates: list[Candidate]) -> list[str]:

@@ -20,6 +20,7 @@ import pytest
 from nats_apscheduler.embedded import LOCK_FILE, EmbeddedNatsServer
 from nats_apscheduler.errors import DataDirInUse
 from tests.helpers.cli_run import CRED_VARS
+from tests.helpers.waiting import eventually_blocking
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc")
 
@@ -41,13 +42,6 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def wait_until(check: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)  # poll interval
 
 
 class Embedded:
@@ -107,7 +101,7 @@ def test_kill_9_of_serve_takes_its_nats_server_along(tmp_path: Path, started: li
 
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait(10)
-    wait_until(lambda: not alive(server), 10, f"nats-server {server} to exit")
+    eventually_blocking(lambda: not alive(server), 10, f"nats-server {server} to exit", 0.05)
 
     # The data directory is free again: the next one starts on it.
     second = Embedded(tmp_path / "data", "emb-2")

@@ -215,6 +215,8 @@ async def test_fire_publishes_headers_and_json_payload(
         "Nats-Cron-Instance": "inst-1",
         "Nats-Cron-Epoch": "42",
         "Nats-Cron-Shard": "0",
+        "Nats-Cron-Run-Id": f"{subject}:{SLOT_MS}:1",
+        "Nats-Cron-Attempt": "1",
     }
 
 

@@ -14,7 +14,8 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import nats
 import pytest
@@ -23,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from nats_apscheduler.client import CronClient
 from nats_apscheduler.embedded import EmbeddedNatsServer
 from tests.helpers.cluster import FireRecorder, ServeProcess
+from tests.helpers.waiting import eventually
 from tests.test_deploy import healthcheck_command
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -62,20 +64,14 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return sum(v for (n, lbls), v in samples.items() if n == name and wanted <= lbls)
 
 
-async def until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await asyncio.to_thread(check):
-        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
-        await asyncio.sleep(0.1)
-
-
 @pytest.fixture
 def env(fresh_server: EmbeddedNatsServer, bucket: str) -> dict[str, str]:
     return {
         "NATS_URL": fresh_server.url,
         "NATS_CRON_JOBS_BUCKET": f"{bucket}-jobs",
         "NATS_CRON_LEADER_BUCKET": f"{bucket}-leader",
-        "NATS_CRON_HISTORY_STREAM": f"H{bucket}".replace("-", "_"),
+        "NATS_CRON_EVENTS_STREAM": f"H{bucket}".replace("-", "_"),
+        "NATS_CRON_EVENTS_PREFIX": f"ev.{bucket}",
         "NATS_CRON_LEASE_TTL": "2s",
         "NATS_CRON_METRICS_HOST": "127.0.0.1",
         "LOG_LEVEL": "info",
@@ -97,8 +93,12 @@ async def test_metrics_and_health_while_jobs_fire(env, started, fresh_server, bu
     leader = ServeProcess("obs-leader", {**env, "NATS_CRON_METRICS_PORT": str(leader_port)})
     started.append(leader)
     await leader.await_log("nats-cron instance started")
-    await until(
-        lambda: value(scrape(leader_port), "nats_cron_is_leader") == 1, 10, "the first leads"
+    await eventually(
+        lambda: value(scrape(leader_port), "nats_cron_is_leader") == 1,
+        10,
+        "the first leads",
+        in_thread=True,
+        step=0.1,
     )
     follower = ServeProcess("obs-follower", {**env, "NATS_CRON_METRICS_PORT": str(follower_port)})
     started.append(follower)
@@ -141,8 +141,12 @@ async def test_metrics_and_health_while_jobs_fire(env, started, fresh_server, bu
     assert value(second, "nats_cron_leader_changes_total") >= 1
 
     # The follower: not leading, nothing fired, but its store sees the job through KV.
-    await until(
-        lambda: value(scrape(follower_port), "nats_cron_jobs") == 1, 5, "the follower sees it"
+    await eventually(
+        lambda: value(scrape(follower_port), "nats_cron_jobs") == 1,
+        5,
+        "the follower sees it",
+        in_thread=True,
+        step=0.1,
     )
     follower_samples = scrape(follower_port)
     assert value(follower_samples, "nats_cron_is_leader") == 0
@@ -159,8 +163,14 @@ async def test_metrics_and_health_while_jobs_fire(env, started, fresh_server, bu
     fresh_server.stop()
     stopped = time.monotonic()
     for port in (leader_port, follower_port):
-        await until(lambda port=port: get(port, "/healthz")[0] == 503, 10, f"{port} /healthz 503")
-        await until(lambda port=port: get(port, "/readyz")[0] == 503, 10, f"{port} /readyz 503")
+        for path in ("/healthz", "/readyz"):
+            await eventually(
+                lambda port=port, path=path: get(port, path)[0] == 503,
+                10,
+                f"{port} {path} 503",
+                in_thread=True,
+                step=0.1,
+            )
     print(f"health turned 503 {time.monotonic() - stopped:.2f}s after the server stopped")
     assert leader.proc.poll() is None and follower.proc.poll() is None
     assert value(scrape(leader_port), "nats_cron_nats_connected") == 0  # still scraped
@@ -176,3 +186,63 @@ async def test_metrics_and_health_while_jobs_fire(env, started, fresh_server, bu
     )
     assert unhealthy.returncode != 0, unhealthy
     assert b"503" in unhealthy.stderr
+
+
+def _metrics(per_subject: bool) -> Any:
+    from nats_apscheduler.observe import Metrics, State
+
+    state = State(
+        is_leader=lambda: True,
+        jobs=lambda: 2,
+        leader_changes=lambda: 1,
+        refresh_failures=lambda: 0,
+        connected=lambda: True,
+        ready=lambda: True,
+        in_flight=lambda: 3,
+        in_flight_limit=lambda: 10,
+    )
+    return Metrics(state, per_subject=per_subject)
+
+
+def _samples(metrics: Any) -> Samples:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(metrics.exposition().decode())
+        for s in family.samples
+    }
+
+
+@pytest.mark.parametrize("per_subject", [True, False])
+def test_outcomes_last_success_and_the_opt_out_of_per_subject_series(per_subject: bool) -> None:
+    """Fires are counted by outcome with each job's last success; without per-subject series
+    (many jobs) the same counts come without the `subject` label and no per-job gauge."""
+    metrics = _metrics(per_subject)
+    metrics.on_fire("a.pub", "fired", 0.002, False, at=1000.0)
+    metrics.on_sent("b.req", 0.003, True)
+    metrics.on_outcome("b.req", "failed", 1001.0)
+    metrics.on_outcome("b.req", "succeeded", 1002.0)
+    metrics.on_outcome("c.req", "skipped", 1003.0)
+    metrics.on_dead_letter("c.req")
+    samples = _samples(metrics)
+
+    def get(name: str, job: str | None = None, **labels: str) -> float | None:
+        if job is not None and per_subject:
+            labels["subject"] = job
+        return samples.get((name, frozenset(labels.items())))
+
+    assert get("nats_cron_fires_total", "a.pub", outcome="fired") == 1
+    assert get("nats_cron_fires_total", "b.req", outcome="failed") == 1
+    assert get("nats_cron_fires_total", "b.req", outcome="succeeded") == 1
+    assert get("nats_cron_fires_total", "c.req", outcome="skipped") == 1
+    assert get("nats_cron_caught_up_slots_total", "b.req") == 1
+    assert get("nats_cron_dead_letters_total", "c.req") == 1
+    assert get("nats_cron_fire_lateness_seconds_count") == 2  # the fire and the request
+    assert get("nats_cron_runs_in_flight") == 3 and get("nats_cron_runs_in_flight_limit") == 10
+    gauge = "nats_cron_last_success_timestamp_seconds"
+    if not per_subject:
+        assert not [key for key in samples if key[0] == gauge]
+        assert b"subject=" not in metrics.exposition()
+        return
+    assert get(gauge, "a.pub") == 1000.0 and get(gauge, "b.req") == 1002.0
+    metrics.forget("a.pub")  # a deleted job's gauge goes
+    assert (gauge, frozenset({("subject", "a.pub")})) not in _samples(metrics)

@@ -113,3 +113,19 @@ async def test_exactly_once_example_drops_a_second_fire_of_a_slot(
             worker.kill()
             await worker.wait()
         await nc.close()
+
+
+def test_delivery_example_retries_a_failed_request(fresh_server: EmbeddedNatsServer) -> None:
+    """The Delivery section's request job: its worker fails the first attempt on purpose,
+    the retry succeeds, and the example prints both outcomes from the job's events."""
+    import os
+
+    code = block_after("<!-- delivery-example").replace("nats://127.0.0.1:4222", fresh_server.url)
+    service = ServeProcess("readme-delivery", {"NATS_URL": fresh_server.url})
+    try:
+        service.wait_for("won the lease")
+        result = run(code, {**os.environ, "NATS_URL": fresh_server.url})
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == ["1 failed 503 not yet", "2 succeeded report built"]
+    finally:
+        service.stop()

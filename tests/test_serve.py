@@ -11,7 +11,8 @@ from datetime import UTC, datetime
 import pytest
 from nats.aio.client import Client
 
-from nats_apscheduler.client import ApiError, CronClient
+from nats_apscheduler.client import CronClient
+from nats_apscheduler.errors import ApiError
 from tests.helpers.cluster import FireRecorder, ServeProcess
 
 TTL = 2  # seconds; the product default is 3
@@ -23,7 +24,8 @@ def env(nats_url: str, bucket: str) -> dict[str, str]:
         "NATS_URL": nats_url,
         "NATS_CRON_JOBS_BUCKET": f"{bucket}-jobs",
         "NATS_CRON_LEADER_BUCKET": f"{bucket}-leader",
-        "NATS_CRON_HISTORY_STREAM": f"H{bucket}".replace("-", "_"),
+        "NATS_CRON_EVENTS_STREAM": f"H{bucket}".replace("-", "_"),
+        "NATS_CRON_EVENTS_PREFIX": f"ev.{bucket}",
         "NATS_CRON_LEASE_TTL": f"{TTL}s",
         "LOG_LEVEL": "info",
     }
@@ -175,7 +177,8 @@ async def test_follower_changes_reach_the_leader(procs, api, recorder, bucket, n
         instance_id="embedded-follower",
         jobs_bucket=env["NATS_CRON_JOBS_BUCKET"],
         leader_bucket=env["NATS_CRON_LEADER_BUCKET"],
-        history_stream=env["NATS_CRON_HISTORY_STREAM"],
+        events_stream=env["NATS_CRON_EVENTS_STREAM"],
+        events_prefix=env["NATS_CRON_EVENTS_PREFIX"],
     )
     follower = NatsCron(settings)
     await follower.start()
@@ -260,7 +263,8 @@ async def test_missed_slots_respect_the_grace_window(nats_url, bucket, recorder,
         instance_id="solo",
         jobs_bucket=env["NATS_CRON_JOBS_BUCKET"],
         leader_bucket=env["NATS_CRON_LEADER_BUCKET"],
-        history_stream=env["NATS_CRON_HISTORY_STREAM"],
+        events_stream=env["NATS_CRON_EVENTS_STREAM"],
+        events_prefix=env["NATS_CRON_EVENTS_PREFIX"],
     )
     cron = NatsCron(settings)
     await cron.start()
@@ -298,7 +302,8 @@ async def test_list_pages_when_the_jobs_do_not_fit_in_one_message(nc, nats_url, 
         instance_id="pager",
         jobs_bucket=f"{bucket}-jobs",
         leader_bucket=f"{bucket}-leader",
-        history_stream=f"H_{bucket}",
+        events_stream=f"H_{bucket}",
+        events_prefix=f"ev.{bucket}",
     )
     cron = NatsCron(settings)
     await cron.start()

@@ -18,8 +18,9 @@ import nats
 import pytest
 from nats.aio.client import Client
 
-from nats_apscheduler.client import ApiError, CronClient, Feed
+from nats_apscheduler.client import CronClient, Feed
 from nats_apscheduler.embedded import EmbeddedNatsServer
+from nats_apscheduler.errors import ApiError
 from tests.helpers.cli_run import service_env
 from tests.helpers.cluster import FireRecorder, ServeProcess
 

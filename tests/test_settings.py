@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from datetime import timedelta
 
 import pytest
 
-from nats_apscheduler.errors import ConfigError, SpecError
+from nats_apscheduler.errors import ConfigError
 from nats_apscheduler.settings import Connection, Settings, redact_url
 
 
@@ -21,14 +22,17 @@ def test_defaults() -> None:
     assert s.instance_id == socket.gethostname()
     assert s.jobs_bucket == "nats-cron-jobs"
     assert s.leader_bucket == "nats-cron-leader"
-    assert s.history_stream == "NATS_CRON_HISTORY"
+    assert s.events_stream == "NATS_CRON_EVENTS"
+    assert s.events_prefix == "nats-cron.events"
+    assert s.max_in_flight == 10_000
+    assert s.metrics_subjects is True
     assert s.replicas == 1
     # The default lease is a product choice (a few seconds); it must be a valid lease.
     assert timedelta(seconds=1) <= s.lease_ttl <= timedelta(seconds=10)
     assert s.lease_ttl.total_seconds() == int(s.lease_ttl.total_seconds())
     assert s.grace == timedelta(hours=1)
     assert s.min_interval == timedelta(seconds=1)
-    assert s.history_depth == 100
+    assert s.events_depth == 100
     assert s.metrics_port is None
     assert s.validate() is s
 
@@ -42,12 +46,17 @@ def test_empty_values_mean_defaults() -> None:
             "INSTANCE_ID",
             "NATS_CRON_JOBS_BUCKET",
             "NATS_CRON_LEADER_BUCKET",
+            "NATS_CRON_EVENTS_STREAM",
+            "NATS_CRON_EVENTS_PREFIX",
             "NATS_CRON_HISTORY_STREAM",
             "NATS_CRON_REPLICAS",
             "NATS_CRON_LEASE_TTL",
             "NATS_CRON_GRACE",
             "NATS_CRON_MIN_INTERVAL",
+            "NATS_CRON_EVENTS_DEPTH",
             "NATS_CRON_HISTORY_DEPTH",
+            "NATS_CRON_MAX_IN_FLIGHT",
+            "NATS_CRON_METRICS_SUBJECTS",
             "NATS_CRON_METRICS_PORT",
             "NATS_CRON_LOG_FORMAT",
             "NATS_PASSWORD",
@@ -65,12 +74,15 @@ def test_every_variable() -> None:
         "INSTANCE_ID": "cron-7",
         "NATS_CRON_JOBS_BUCKET": "jobs-x",
         "NATS_CRON_LEADER_BUCKET": "leader-x",
-        "NATS_CRON_HISTORY_STREAM": "HIST_X",
+        "NATS_CRON_EVENTS_STREAM": "EVENTS_X",
+        "NATS_CRON_EVENTS_PREFIX": "x.events",
         "NATS_CRON_REPLICAS": "3",
         "NATS_CRON_LEASE_TTL": "5s",
         "NATS_CRON_GRACE": "1h30m",
         "NATS_CRON_MIN_INTERVAL": "500ms",
-        "NATS_CRON_HISTORY_DEPTH": "20",
+        "NATS_CRON_EVENTS_DEPTH": "20",
+        "NATS_CRON_MAX_IN_FLIGHT": "500",
+        "NATS_CRON_METRICS_SUBJECTS": "false",
         "NATS_CRON_METRICS_PORT": "9090",
         "UNRELATED": "ignored",
     }
@@ -79,12 +91,14 @@ def test_every_variable() -> None:
     assert s.connection.user == "alice" and s.connection.password == "pw"
     assert s.log_level == "debug"
     assert s.instance_id == "cron-7"
-    assert (s.jobs_bucket, s.leader_bucket, s.history_stream) == ("jobs-x", "leader-x", "HIST_X")
+    assert (s.jobs_bucket, s.leader_bucket, s.events_stream) == ("jobs-x", "leader-x", "EVENTS_X")
+    assert s.events_prefix == "x.events"
+    assert s.max_in_flight == 500 and s.metrics_subjects is False
     assert s.replicas == 3
     assert s.lease_ttl == timedelta(seconds=5)
     assert s.grace == timedelta(hours=1, minutes=30)
     assert s.min_interval == timedelta(milliseconds=500)
-    assert s.history_depth == 20
+    assert s.events_depth == 20
     assert s.metrics_port == 9090
     assert s.validate() is s
     assert Settings.from_env({"NATS_CRON_METRICS_PORT": "0"}).metrics_port == 0
@@ -120,6 +134,9 @@ def test_go_durations(text: str, value: timedelta) -> None:
         ("NATS_CRON_REPLICAS", "0", "at least 1"),
         ("NATS_CRON_REPLICAS", "1.5", "whole number"),
         ("NATS_CRON_HISTORY_DEPTH", "-3", "at least 1"),
+        ("NATS_CRON_EVENTS_DEPTH", "0", "at least 1"),
+        ("NATS_CRON_MAX_IN_FLIGHT", "0", "at least 1"),
+        ("NATS_CRON_METRICS_SUBJECTS", "maybe", "true or false"),
         ("NATS_CRON_METRICS_PORT", "http", "whole number"),
         ("NATS_CRON_METRICS_PORT", "-1", "at least 0"),
         ("LOG_LEVEL", "verbose", "debug, info, warn, error"),
@@ -128,7 +145,7 @@ def test_go_durations(text: str, value: timedelta) -> None:
     ],
 )
 def test_invalid_values_name_the_variable(key: str, text: str, rule: str) -> None:
-    with pytest.raises(SpecError) as caught:
+    with pytest.raises(ConfigError) as caught:
         Settings.from_env({key: text})
     assert caught.value.field == key
     assert key in str(caught.value)
@@ -143,7 +160,7 @@ def test_log_levels(level: str) -> None:
 @pytest.mark.parametrize("ttl", ["500ms", "999ms", "1us"])
 def test_lease_ttl_below_one_second_rejected_by_validate(ttl: str) -> None:
     settings = Settings.from_env({"NATS_CRON_LEASE_TTL": ttl})  # a valid duration...
-    with pytest.raises(SpecError, match="at least 1s") as caught:
+    with pytest.raises(ConfigError, match="at least 1s") as caught:
         settings.validate()  # ...but not a valid lease
     assert "lease_ttl" in str(caught.value)
     assert Settings.from_env({"NATS_CRON_LEASE_TTL": "1s"}).validate().lease_ttl == timedelta(
@@ -154,7 +171,7 @@ def test_lease_ttl_below_one_second_rejected_by_validate(ttl: str) -> None:
 def test_lease_ttl_must_be_whole_seconds() -> None:
     """The election refuses a fractional TTL (ValueError at start); validate() must catch it
     first, as a configuration error, not let `serve` fail later with an internal error."""
-    with pytest.raises(SpecError, match="lease_ttl"):
+    with pytest.raises(ConfigError, match="lease_ttl"):
         Settings.from_env({"NATS_CRON_LEASE_TTL": "1500ms"}).validate()
 
 
@@ -238,8 +255,33 @@ def test_redact_url_without_scheme() -> None:
 @pytest.mark.parametrize("fmt", ["text", "json", "auto", "JSON"])
 def test_log_formats(fmt: str) -> None:
     assert Settings.from_env({"NATS_CRON_LOG_FORMAT": fmt}).log_format == fmt.lower()
-    with pytest.raises(SpecError, match="log_format"):
+    with pytest.raises(ConfigError, match="log_format"):
         Settings(log_format="xml").validate()
+
+
+def test_the_former_history_variables_still_work() -> None:
+    s = Settings.from_env({"NATS_CRON_HISTORY_STREAM": "OLD", "NATS_CRON_HISTORY_DEPTH": "7"})
+    assert (s.events_stream, s.events_depth) == ("OLD", 7)
+    new = {"NATS_CRON_EVENTS_STREAM": "NEW", "NATS_CRON_HISTORY_STREAM": "OLD"}
+    assert Settings.from_env(new).events_stream == "NEW"
+
+
+@pytest.mark.parametrize(
+    ("prefix", "words"),
+    [
+        ("", "must be a subject"),
+        ("a..b", "must be a subject"),
+        ("events.>", "must be a subject"),
+        ("ev *", "must be a subject"),
+        ("$SYS.x", "reserved"),
+        ("nats-cron.jobs", "API"),
+        ("nats-cron.dead.x", "API"),
+    ],
+)
+def test_a_bad_events_prefix_is_refused(prefix: str, words: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        Settings(events_prefix=prefix).validate()
+    Settings(events_prefix="team-a.cron.events").validate()
 
 
 def test_the_http_listener_settings() -> None:
@@ -285,7 +327,7 @@ def test_the_http_listener_settings() -> None:
     ],
 )
 def test_bad_http_listener_settings(env: dict[str, str], message: str) -> None:
-    with pytest.raises(SpecError, match=message) as caught:
+    with pytest.raises(ConfigError, match=message) as caught:
         Settings.from_env(env).validate()
     token = env.get("NATS_CRON_HTTP_TOKEN")
     assert token is None or token not in str(caught.value)

@@ -16,10 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nats_apscheduler.errors import SpecError
+from nats_apscheduler.modes import DeliverySpec, RetrySpec
 from nats_apscheduler.spec import (
     HEADER_RESERVE,
     EveryTrigger,
     JobSpec,
+    delivery_of,
     parse_duration,
     parse_job,
     parse_timezone,
@@ -335,9 +337,9 @@ def test_ulid_of_a_fire_time_in_another_zone() -> None:
 
 
 def test_max_payload_enforced_on_bytes() -> None:
-    """The body plus the fire's headers must fit: HEADER_RESERVE + 2 x subject is kept free."""
+    """The body plus the fire's headers must fit: HEADER_RESERVE + 3 x subject is kept free."""
     subject = with_payload({"data": "x"})["target"]["subject"]
-    reserve = HEADER_RESERVE + 2 * len(subject)
+    reserve = HEADER_RESERVE + 3 * len(subject)
     text = with_payload({"type": "text", "data": "x" * 100})
     assert parse(text, max_payload=100 + reserve).payload(NOW) == b"x" * 100
     error = spec_error(text, max_payload=99 + reserve)
@@ -866,6 +868,17 @@ ROUND_TRIP_DOCS = [
     },
     {"target": {"subject": "a.b"}, "payload": {"data": "verbatim"}, "schedule": {"every": "2m"}},
     {"target": {"subject": "a.b"}, "payload": {"data": ""}, "schedule": {"every": "2m"}},
+    doc({"every": "1m"}, delivery={"mode": "request"}),
+    doc({"every": "1m"}, delivery={"mode": "jetstream", "timeout": "1500ms"}),
+    doc(
+        {"every": "1m"},
+        delivery={
+            "mode": "request",
+            "timeout": "5s",
+            "retry": {"attempts": 3, "backoff": "1s", "max_backoff": "1m", "multiplier": 1.5},
+            "overlap": "skip",
+        },
+    ),
 ]
 
 
@@ -1328,3 +1341,124 @@ def test_revision_is_read_only_input() -> None:
     """A document read back with `get` carries its revision; parsing ignores it."""
     spec = parse({**doc({"every": "1m"}), "revision": 12, "run_count": 3})
     assert spec.to_document()["schedule"] == {"every": "1m"}
+
+
+# --- delivery (SPEC §10) ---------------------------------------------------------------------
+
+
+def test_delivery_defaults_to_a_plain_publish() -> None:
+    for delivery in (None, {}, {"mode": "publish"}):
+        document = doc({"every": "1m"}) if delivery is None else doc(delivery=delivery)
+        spec = parse(document)
+        assert spec.delivery == DeliverySpec() and not spec.delivery.tracked
+        assert "delivery" not in spec.to_document()  # documents stored before keep their form
+
+
+def test_delivery_modes_and_their_defaults() -> None:
+    request = parse(doc(delivery={"mode": "request"})).delivery
+    assert (request.mode, request.timeout, request.retry, request.overlap) == (
+        "request",
+        timedelta(seconds=30),
+        None,
+        "allow",
+    )
+    jetstream = parse(doc(delivery={"mode": "jetstream"})).delivery
+    assert jetstream.timeout == timedelta(seconds=5) and jetstream.tracked
+    full = parse(
+        doc(
+            delivery={
+                "mode": "request",
+                "timeout": "5s",
+                "retry": {"attempts": 4, "backoff": "1s", "max_backoff": "3s", "multiplier": 2},
+                "overlap": "skip",
+            }
+        )
+    ).delivery
+    assert full.overlap == "skip" and full.retry == RetrySpec(
+        4, timedelta(seconds=1), timedelta(seconds=3), 2.0
+    )
+    assert full.to_document() == {
+        "mode": "request",
+        "timeout": "5s",
+        "retry": {"attempts": 4, "backoff": "1s", "max_backoff": "3s", "multiplier": 2},
+        "overlap": "skip",
+    }
+    # Retry defaults: backoff 1s, max_backoff 1m (or the backoff, if longer), multiplier 2.
+    assert parse(doc(delivery={"mode": "jetstream", "retry": {"attempts": 2}})).delivery.retry == (
+        RetrySpec(2, timedelta(seconds=1), timedelta(minutes=1), 2.0)
+    )
+    long = {"mode": "request", "retry": {"attempts": 2, "backoff": "5m"}}
+    assert parse(doc(delivery=long)).delivery.retry.max_backoff == timedelta(minutes=5)  # type: ignore[union-attr]
+
+
+def test_retry_backoff_grows_and_is_capped() -> None:
+    retry = RetrySpec(10, timedelta(seconds=1), timedelta(seconds=10), 3.0)
+    assert [retry.delay(n).total_seconds() for n in range(1, 6)] == [1, 3, 9, 10, 10]
+    flat = RetrySpec(3, timedelta(milliseconds=500), timedelta(minutes=1), 1.0)
+    assert {flat.delay(n) for n in range(1, 50)} == {timedelta(milliseconds=500)}
+    huge = RetrySpec(100, timedelta(seconds=1), timedelta(hours=24), 100.0)
+    assert huge.delay(100) == timedelta(hours=24)  # no float overflow
+
+
+@pytest.mark.parametrize(
+    ("delivery", "field", "words"),
+    [
+        ({"mode": "carrier-pigeon"}, "delivery.mode", "not one of publish, jetstream, request"),
+        ({"mode": 3}, "delivery.mode", "string"),
+        ("request", "delivery", "JSON object"),
+        ({"mode": "request", "timeout": "0s"}, "delivery.timeout", "positive"),
+        ({"mode": "request", "timeout": "-5s"}, "delivery.timeout", "positive"),
+        ({"mode": "request", "timeout": "2h"}, "delivery.timeout", "maximum"),
+        ({"mode": "request", "timeout": "5 s"}, "delivery.timeout", "not a duration"),
+        ({"mode": "request", "timeout": "1d"}, "delivery.timeout", "unknown unit"),
+        ({"timeout": "5s"}, "delivery.timeout", "needs mode request or jetstream"),
+        ({"retry": {"attempts": 3}}, "delivery.retry", "needs mode request or jetstream"),
+        ({"mode": "request", "retry": {}}, "delivery.retry.attempts", "required"),
+        ({"mode": "request", "retry": {"attempts": 0}}, "delivery.retry.attempts", "from 1"),
+        ({"mode": "request", "retry": {"attempts": -1}}, "delivery.retry.attempts", "from 1"),
+        ({"mode": "request", "retry": {"attempts": 101}}, "delivery.retry.attempts", "to 100"),
+        ({"mode": "request", "retry": {"attempts": True}}, "delivery.retry.attempts", "integer"),
+        ({"mode": "request", "retry": {"attempts": 2.5}}, "delivery.retry.attempts", "integer"),
+        (
+            {"mode": "request", "retry": {"attempts": 2, "multiplier": 0.5}},
+            "delivery.retry.multiplier",
+            "from 1",
+        ),
+        (
+            {"mode": "request", "retry": {"attempts": 2, "multiplier": "2"}},
+            "delivery.retry.multiplier",
+            "must be a number, not string",
+        ),
+        (
+            {"mode": "request", "retry": {"attempts": 2, "backoff": "0s"}},
+            "delivery.retry.backoff",
+            "positive",
+        ),
+        (
+            {"mode": "request", "retry": {"attempts": 2, "backoff": "5s", "max_backoff": "1s"}},
+            "delivery.retry.max_backoff",
+            "shorter than delivery.retry.backoff",
+        ),
+        (
+            {"mode": "request", "retry": {"attempts": 2, "tries": 3}},
+            "delivery.retry.tries",
+            "unknown",
+        ),
+        ({"overlap": "skip"}, "delivery.overlap", "needs mode request"),
+        ({"mode": "jetstream", "overlap": "skip"}, "delivery.overlap", "needs mode request"),
+        ({"mode": "request", "overlap": "sometimes"}, "delivery.overlap", "allow, skip"),
+        ({"mode": "request", "retries": 3}, "delivery.retries", "unknown field"),
+    ],
+)
+def test_bad_delivery_names_field_and_rule(delivery: Any, field: str, words: str) -> None:
+    error = spec_error(doc(delivery=delivery))
+    assert error.field == field, str(error)
+    assert words in error.rule, str(error)
+
+
+def test_delivery_of_a_stored_document() -> None:
+    assert delivery_of(None) == DeliverySpec()
+    stored = parse(doc(delivery={"mode": "request", "overlap": "skip"})).to_document()
+    assert delivery_of(stored["delivery"]).overlap == "skip"
+    with pytest.raises(SpecError, match=r"delivery\.mode"):
+        delivery_of({"mode": "fax"})

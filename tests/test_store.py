@@ -47,6 +47,7 @@ from nats_apscheduler.cron import StandardCronTrigger
 from nats_apscheduler.errors import BridgeError, WriteConflict
 from nats_apscheduler.spec import EveryTrigger
 from nats_apscheduler.store import JetStreamJobStore
+from tests.helpers.waiting import eventually_blocking
 
 try:  # the name pytest's rootdir/sys.path setup makes importable
     from tests.helpers import store_proc
@@ -110,18 +111,6 @@ ALLOWED = [mark, mark_after, amark]
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, step: float = 0.002) -> bool:
-    """Bounded wait for a condition; True as soon as it holds, False at the deadline."""
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while True:
-        if condition():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        pause.wait(step)
 
 
 def kv_run(url: str, bucket: str, fn: Callable[[KeyValue], Awaitable[T]]) -> T:
@@ -492,7 +481,7 @@ def test_job_added_here_fires_in_another_process(
             line = runner.expect(f"FIRED {tag} ", timeout=5)
             latencies.append(float(line.split()[2]) - started)
             # The runner removes the finished date job; this store sees that too.
-            assert wait_until(lambda tag=tag: store.lookup_job(tag) is None, 3), tag
+            eventually_blocking(lambda tag=tag: store.lookup_job(tag) is None, 3, tag)
         print(f"\ncross-process add -> fire latency: {[f'{x * 1000:.1f}ms' for x in latencies]}")
         assert max(latencies) < 2.0
         assert runner.stop() == 0
@@ -509,7 +498,7 @@ def test_change_becomes_visible_in_another_instance(stores: Stores) -> None:
 
     def measure(condition: Callable[[], bool]) -> float:
         started = time.perf_counter()
-        assert wait_until(condition, 1.0, step=0.0005), "not visible within 1 s"
+        eventually_blocking(condition, 1.0, "visible within 1 s", step=0.0005)
         return time.perf_counter() - started
 
     add_times, update_times, remove_times = [], [], []
@@ -551,7 +540,7 @@ def test_remote_change_wakes_a_sleeping_scheduler(stores: Stores) -> None:
     writer, scheduler = stores.open()
     far = make_job(scheduler, "far", DateTrigger(FAR), NOW)
     writer.add_job(far)
-    assert wait_until(lambda: runner_store.lookup_job("far") is not None, 2)
+    eventually_blocking(lambda: runner_store.lookup_job("far") is not None, 2)
 
     started = time.perf_counter()
     writer.add_job(make_job(scheduler, name, DateTrigger(datetime.now(UTC)), datetime.now(UTC)))
@@ -559,7 +548,7 @@ def test_remote_change_wakes_a_sleeping_scheduler(stores: Stores) -> None:
     elapsed_ms = (time.perf_counter() - started) * 1000
     print(f"\nremote add -> fire in a sleeping scheduler: {elapsed_ms:.1f}ms")
     # The runner removed the finished date job; the writer sees that (nothing due is left).
-    assert wait_until(lambda: writer.lookup_job(name) is None, 2)
+    eventually_blocking(lambda: writer.lookup_job(name) is None, 2)
 
     # A remote *modification* (far job brought forward) wakes it as well.
     event("far").clear()
@@ -568,7 +557,7 @@ def test_remote_change_wakes_a_sleeping_scheduler(stores: Stores) -> None:
     job._modify(next_run_time=datetime.now(UTC))
     writer.update_job(job)
     assert event("far").wait(2), "a remote reschedule did not wake the scheduler"
-    assert wait_until(lambda: writer.lookup_job("far") is None, 2)
+    eventually_blocking(lambda: writer.lookup_job("far") is None, 2)
 
 
 # --- 3. tampered records ---------------------------------------------------------------------
@@ -627,8 +616,8 @@ def test_tampered_records_are_never_executed(
         add_legit()  # written after the forgeries: the runner's watch sees them first
 
     assert event(legit).wait(3), "the legitimate job did not fire: the scheduler did not run"
-    assert wait_until(lambda: writer.lookup_job(legit) is None, 2)  # the runner removed it
-    assert wait_until(lambda: set(runner_store.skipped_records()) >= set(forged), 2)
+    eventually_blocking(lambda: writer.lookup_job(legit) is None, 2)  # the runner removed it
+    eventually_blocking(lambda: set(runner_store.skipped_records()) >= set(forged), 2)
     skipped = runner_store.skipped_records()
     assert set(skipped) == set(forged), skipped
     assert "allow-list" in skipped["forged-os"] and "allow-list" in skipped["forged-fn"]
@@ -650,7 +639,7 @@ def test_skipped_record_reserves_its_id_until_removed(
 
     creator, scheduler = stores.open()  # creates the bucket
     kv_run(nats_url, bucket, put)
-    assert wait_until(lambda: "junk" in creator.skipped_records(), 2)  # seen live
+    eventually_blocking(lambda: "junk" in creator.skipped_records(), 2)  # seen live
     store = stores.fresh()
     assert set(store.skipped_records()) == {"junk"}  # and at load
     assert store.lookup_job("junk") is None
@@ -665,7 +654,7 @@ def test_skipped_record_reserves_its_id_until_removed(
     store.flush()
     fresh = stores.fresh()
     assert fresh.lookup_job("junk") is not None and fresh.skipped_records() == {}
-    assert wait_until(lambda: creator.lookup_job("junk") is not None, 2)
+    eventually_blocking(lambda: creator.lookup_job("junk") is not None, 2)
     assert creator.skipped_records() == {}
 
 
@@ -807,9 +796,9 @@ def test_blocking_scheduler_fires(nats_url: str, bucket: str) -> None:
         # The scheduler removes the finished date job right after submitting it; shutting
         # down before that would race APScheduler's own remove_job (JobLookupError once
         # the state is STOPPED), which is not what this test is about.
-        assert wait_until(lambda: store.lookup_job("blk") is None, 3)
+        eventually_blocking(lambda: store.lookup_job("blk") is None, 3)
     finally:
-        assert wait_until(lambda: scheduler.running, 3)
+        eventually_blocking(lambda: scheduler.running, 3)
         scheduler.shutdown(wait=False)
         thread.join(5)
     assert not thread.is_alive() and errors == []
@@ -888,7 +877,7 @@ def test_concurrent_updates_converge(stores: Stores, nats_url: str, bucket: str)
     b = stores.fresh()
     a.add_job(make_job(sched_a, "race", DateTrigger(FAR), NOW))
     a.flush()
-    assert wait_until(lambda: b.lookup_job("race") is not None, 2)
+    eventually_blocking(lambda: b.lookup_job("race") is not None, 2)
 
     for round_ in range(10):
         barrier = threading.Barrier(2)
@@ -918,10 +907,14 @@ def test_concurrent_updates_converge(stores: Stores, nats_url: str, bucket: str)
                 getattr(s.lookup_job("race"), "next_run_time", None) == in_kv for s in (a, b)
             )
 
-        assert wait_until(agreed, 2), (
-            f"round {round_}: KV {in_kv}, a {a.lookup_job('race')!r} "
-            f"{getattr(a.lookup_job('race'), 'next_run_time', None)}, "
-            f"b {getattr(b.lookup_job('race'), 'next_run_time', None)}"
+        eventually_blocking(
+            agreed,
+            2,
+            lambda r=round_, kv=in_kv: (
+                f"round {r}: KV {kv}, a {a.lookup_job('race')!r} "
+                f"{getattr(a.lookup_job('race'), 'next_run_time', None)}, "
+                f"b {getattr(b.lookup_job('race'), 'next_run_time', None)}"
+            ),
         )
         # Nothing more is written once converged: KV still holds the same record.
         assert kv_value(nats_url, bucket, "race") == raw

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,12 +19,14 @@ from nats.js.api import KeyValueConfig
 
 from nats_apscheduler._wire import Wire
 from nats_apscheduler.agenda import Mark
+from nats_apscheduler.errors import MarkTakenOver
 from nats_apscheduler.fire import Firer
 from nats_apscheduler.history import RunStates
 from nats_apscheduler.jobs import JOBSTORE, JobManager, Limits
-from nats_apscheduler.progress import MarkTakenOver, Progress
+from nats_apscheduler.progress import Progress
 from nats_apscheduler.store import JetStreamJobStore
 from nats_apscheduler.term import Term
+from tests.helpers.waiting import eventually
 
 
 class Fence:
@@ -107,13 +109,6 @@ async def collect(nc: Client, subject: str) -> tuple[list[Msg], Any]:
     return got, sub
 
 
-async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
-
-
 async def herd(rig: Rig, prefix: str, n: int, every_s: int = 3600) -> datetime:
     """`n` jobs whose first slot is one shared moment just ahead; returns it, once passed."""
     slot = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=2)
@@ -182,6 +177,50 @@ async def test_marks_are_stored_and_a_new_term_starts_after_them(rig: Rig) -> No
     assert nxt.process() is not None
     await rig.nc.flush()
     assert len(got) == fired
+    await sub.unsubscribe()
+
+
+async def test_an_idle_term_s_mark_follows_the_records_it_applied(rig: Rig) -> None:
+    await herd(rig, f"{rig.bucket}.tick", 1, every_s=3600)
+    term = rig.term(None, mark_interval=0.05)
+    term.start()
+    await run_until_idle(term)
+    await eventually(lambda: term.stored is not None, 5, "a first mark")
+    assert term.stored is not None
+    first = term.stored.applied
+    # A change the term does not fire (nothing due): its mark still comes to name it.
+    await rig.jobs.create(every(f"{rig.bucket}.other", 3600, datetime.now(UTC)))
+    await eventually(lambda: rig.store.applied_seq > first, 5, "the change applied")
+    await eventually(
+        lambda: term.stored is not None and term.stored.applied >= rig.store.applied_seq,
+        5,
+        lambda: f"the stored mark names {term.stored}, the store {rig.store.applied_seq}",
+    )
+
+
+async def test_a_forced_run_is_not_fired_again_by_the_next_term(rig: Rig) -> None:
+    got, sub = await collect(rig.nc, f"{rig.bucket}.forced")
+    subject = f"{rig.bucket}.forced"
+    await rig.jobs.create(every(subject, 3600, datetime.now(UTC) + timedelta(hours=1)))
+    await rig.jobs.pause(subject)
+    term = rig.term(None, mark_interval=0.05)
+    term.start()
+    await rig.jobs.trigger(subject, force=True)
+    term.changed(subject, rig.store.lookup_job(subject))  # as the store's listener would
+    await run_until_idle(term)
+    await eventually(lambda: len(got) == 1, 5, "the forced run")
+    # The record written by the trigger comes back with its revision; the mark names it.
+    await eventually(
+        lambda: term.stored is not None and term.stored.applied >= rig.store.revision(subject),
+        5,
+        lambda: f"stored {term.stored}, the record's revision {rig.store.revision(subject)}",
+    )
+    mark = term.stored
+    term.stop()
+    nxt = rig.term(mark, epoch=8)
+    await run_until_idle(nxt)
+    await rig.nc.flush()
+    assert len(got) == 1, [m.headers for m in got]
     await sub.unsubscribe()
 
 

@@ -42,7 +42,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy, StorageType, StreamConfig
 
-from nats_apscheduler.client import ApiError, CronClient, NoService
+from nats_apscheduler.client import CronClient
+from nats_apscheduler.errors import ApiError, NoService
 from tests.chaos.analysis import Fault, Report, Seen, analyse
 from tests.chaos.procs import (
     NatsNode,
@@ -172,7 +173,8 @@ class ChaosRun:
         self._env = {
             "NATS_CRON_JOBS_BUCKET": f"chaos-{self.run_id}-jobs",
             "NATS_CRON_LEADER_BUCKET": f"chaos-{self.run_id}-leader",
-            "NATS_CRON_HISTORY_STREAM": f"CHAOS_H_{self.run_id}",
+            "NATS_CRON_EVENTS_STREAM": f"CHAOS_H_{self.run_id}",
+            "NATS_CRON_EVENTS_PREFIX": f"chaos-ev.{self.run_id}",
             "NATS_CRON_REPLICAS": str(replicas),
             "NATS_CRON_LEASE_TTL": f"{cfg.lease_ttl}s",
             "NATS_CRON_SHARDS": str(cfg.shards),

@@ -60,7 +60,8 @@ def service_env(url: str, name: str, **extra: str) -> dict[str, str]:
         "NATS_URL": url,
         "NATS_CRON_JOBS_BUCKET": f"{name}-jobs",
         "NATS_CRON_LEADER_BUCKET": f"{name}-leader",
-        "NATS_CRON_HISTORY_STREAM": f"H_{name}".replace(".", "_"),
+        "NATS_CRON_EVENTS_STREAM": f"H_{name}".replace(".", "_"),
+        "NATS_CRON_EVENTS_PREFIX": f"ev.{name}",
         "NATS_CRON_METRICS_PORT": "",
         "LOG_LEVEL": "info",
         **{var: "" for var in CRED_VARS},  # empty means unset for the service

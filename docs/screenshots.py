@@ -55,6 +55,11 @@ JOBS: list[dict[str, Any]] = [
         "schedule": {"cron": "@weekly", "timezone": "America/New_York"},
     },
     {"target": {"subject": "orders.sync"}, "schedule": {"every": "30s"}, "paused": True},
+    {  # a request nobody answers: its outcome is no_responders
+        "target": {"subject": "payments.settle"},
+        "schedule": {"every": "5s"},
+        "delivery": {"mode": "request", "timeout": "2s"},
+    },
 ]
 
 
@@ -108,7 +113,8 @@ async def shoot(out: Path, base: str, url: str) -> None:
 
     async with browser_page(1280, 760) as (page, _):
         await page.goto(base + "/#/")
-        await page.locator('tr[data-subject="system.heartbeat"] .c-outcome .badge').wait_for()
+        for subject in ("system.heartbeat", "payments.settle"):
+            await page.locator(f'tr[data-subject="{subject}"] .c-outcome .badge').wait_for()
         await page.screenshot(path=str(out / "dashboard-jobs.png"))
 
         await page.goto(base + "/#/job/reports.daily")

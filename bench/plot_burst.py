@@ -62,7 +62,7 @@ def title_of(report: dict[str, Any]) -> str:
 
 def plot(report: dict[str, Any], out: Path) -> None:
     plt.rcParams.update({"font.size": 13, "axes.titlesize": 14, "legend.fontsize": 11})
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2), constrained_layout=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.8), constrained_layout=True)
     medians = report.get("median") or {}
     runs = report.get("runs") or {}
     counts = sorted({int(n) for per_n in medians.values() for n in per_n})
@@ -98,8 +98,16 @@ def plot(report: dict[str, Any], out: Path) -> None:
         ax.set_title(label)
         ax.grid(True, which="major", alpha=0.35)
         ax.grid(True, which="minor", alpha=0.12)
-    axes[0].legend(loc="upper left", frameon=False)
-    axes[1].legend(loc="upper left", frameon=False)
+    # The modes once, below both panels; each panel's target line in its empty upper left
+    # (a legend of all four inside a panel covers a line somewhere).
+    handles, labels = axes[0].get_legend_handles_labels()
+    modes = [(h, lab) for h, lab in zip(handles, labels, strict=True) if "target" not in lab]
+    fig.legend(*zip(*modes, strict=True), loc="outside lower center", ncol=3, frameon=False)
+    for ax in axes:
+        lines = [(h, lab) for h, lab in zip(*ax.get_legend_handles_labels(), strict=True)]
+        targets = [(h, lab) for h, lab in lines if "target" in lab]
+        if targets:
+            ax.legend(*zip(*targets, strict=True), loc="upper left", frameon=False)
     fig.suptitle(title_of(report), fontsize=13)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=150)

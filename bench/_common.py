@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -618,3 +619,74 @@ async def wait_spread(nc: Client, shards: int, instances: int, timeout: float = 
                 return
         await asyncio.sleep(0.2)
     raise TimeoutError(f"{shards} shards not spread over {instances} instances")
+
+
+# --- the service's event-loop stalls, from its /metrics ------------------------------------
+
+# A histogram of how late the instance's 50 ms loop monitor ran (nats_apscheduler.observe).
+LAG = "nats_cron_loop_lag_seconds"
+
+
+async def scrape_buckets(port: int, name: str, timeout: float = 10.0) -> dict[float, float] | None:
+    """The cumulative buckets (`le` -> count) of one histogram of the service's /metrics."""
+    body = await _scrape(port, timeout)
+    if body is None:
+        return None
+    pattern = rb"^" + re.escape(name.encode()) + rb'_bucket\{le="([^"]+)"\} (\S+)$'
+    return {
+        float(le.decode()): float(count) for le, count in re.findall(pattern, body, re.MULTILINE)
+    }
+
+
+def stall_bound(before: dict[float, float] | None, after: dict[float, float] | None) -> Any:
+    """The upper bound of the highest histogram bucket whose (per-bucket) count grew."""
+    if not before or not after:
+        return None
+    bounds = sorted(after)
+    grew = None
+    for i, bound in enumerate(bounds):
+        below = bounds[i - 1] if i else None
+        now = after[bound] - (after[below] if below is not None else 0)
+        then = before.get(bound, 0) - (before.get(below, 0) if below is not None else 0)
+        if now > then:
+            grew = bound
+    if grew == float("inf"):
+        return 2 * bounds[-2]  # above the highest finite bound (reported as twice it)
+    return grew
+
+
+async def _scrape(port: int, timeout: float) -> bytes | None:
+    """The service's /metrics (served on its own event loop: a stalled loop answers late)."""
+
+    async def get() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        body = await reader.read()
+        writer.close()
+        return body
+
+    try:
+        return await asyncio.wait_for(get(), timeout)
+    except (OSError, TimeoutError):
+        return None
+
+
+def metrics_port(line: dict[str, Any]) -> int:
+    """The port of a `serve` started with `NATS_CRON_METRICS_PORT=0`, from its log line."""
+    found = re.search(r":(\d+)/metrics", str(line.get("msg", "")))
+    if found is None:
+        raise ValueError(f"no metrics port in {line.get('msg')!r}")
+    return int(found.group(1))
+
+
+def lag_samples_above(
+    before: dict[float, float] | None, after: dict[float, float] | None, bound: float
+) -> int | None:
+    """How many loop-lag samples between two scrapes were later than `bound` (a bucket's
+    upper bound): the loop's stalls of more than `bound` seconds in that window."""
+    if not before or not after or bound not in after:
+        return None
+    total = after[float("inf")] - before.get(float("inf"), 0)
+    within = after[bound] - before.get(bound, 0)
+    return int(total - within)

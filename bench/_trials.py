@@ -23,11 +23,13 @@ import contextlib
 import math
 import os
 import time
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from _common import (  # type: ignore[import-not-found]
+    LAG,
     PROCS,
     CpuWindow,
     FireCollector,
@@ -38,12 +40,16 @@ from _common import (  # type: ignore[import-not-found]
     fill_jobs,
     fire_stats,
     kv_last_seq,
+    lag_samples_above,
     log_time,
+    metrics_port,
     note,
     proc_status,
+    scrape_buckets,
     serve_env,
     sleep_until,
     spread_docs,
+    stall_bound,
     summary,
     wait_spread,
 )
@@ -121,6 +127,12 @@ async def trial(
     note(
         f"{mode:>15} x{count:<6} p50 {lat.get('p50_ms')} p99 {lat.get('p99_ms')} "
         f"max {lat.get('max_ms')} ms, missed {result.get('missed')}, cpu {result.get('cpu')}"
+        + (
+            f", serve loop: stall <= {result['loop_stall_s']} s, "
+            f"{result.get('loop_lag_samples_over_10ms')} samples > 10 ms"
+            if "loop_stall_s" in result
+            else ""
+        )
     )
     return result
 
@@ -214,6 +226,7 @@ async def service_trial(
     prefix = f"bench.{tag}"
     env = serve_env(server.url, tag)
     env["NATS_CRON_SHARDS"] = str(shards)
+    env["NATS_CRON_METRICS_PORT"] = "0"  # the loop-lag histogram; a free port, from its log
     collector = FireCollector()
     sub = await collector.subscribe(nc, f"{prefix}.>")
     await nc.flush()
@@ -221,6 +234,7 @@ async def service_trial(
     proc = procs[0]
     try:
         await asyncio.gather(*(p.await_log("leading: firing", timeout=60) for p in procs))
+        ports = [metrics_port(await p.await_log("metrics and health on")) for p in procs]
         if instances > 1:
             await wait_spread(nc, shards, instances)
         anchor = math.floor(time.time()) - 10
@@ -237,6 +251,7 @@ async def service_trial(
         cpu = CpuWindow({**pids, "nats_server": server.pid, "bench": os.getpid()})
         await sleep_until(w0)
         cpu.start()
+        lags0 = [await scrape_buckets(port, LAG) for port in ports]
         kv0 = await kv_last_seq(nc, env["NATS_CRON_JOBS_BUCKET"])
         profiler = (
             Profiler(proc.proc.pid, duration, profile_dir / f"service-{count}.txt")
@@ -245,6 +260,7 @@ async def service_trial(
         )
         await sleep_until(w1)
         cpu.stop()
+        lags1 = [await scrape_buckets(port, LAG) for port in ports]
         kv1 = await kv_last_seq(nc, env["NATS_CRON_JOBS_BUCKET"])
         memory = proc_status(proc.proc.pid)
         await asyncio.sleep(1.0)  # stragglers of the window's last slots
@@ -262,6 +278,12 @@ async def service_trial(
             "peak_rss_mb": memory.get("VmHWM"),
             "kv_writes": kv1 - kv0,
             "kv_writes_per_fire": round((kv1 - kv0) / max(1, stats["fired"]), 3),
+            # The serve loop's own stalls in the window (its monitor samples every 50 ms):
+            # tells lateness made in the instance from lateness made outside it.
+            "loop_stall_s": _worst(stall_bound(b, a) for b, a in zip(lags0, lags1, strict=True)),
+            "loop_lag_samples_over_10ms": _total(
+                lag_samples_above(b, a, 0.01) for b, a in zip(lags0, lags1, strict=True)
+            ),
         }
         if instances > 1:
             result["instances"], result["shards"] = instances, shards
@@ -366,3 +388,13 @@ def _ns_time(text: str) -> float:
     """An RFC 3339 UTC time with up to nanoseconds (`...:51.000906017Z`) as a timestamp."""
     main, _, frac = text.rstrip("Z").partition(".")
     return datetime.fromisoformat(main + "+00:00").timestamp() + float("0." + (frac or "0"))
+
+
+def _worst(values: Iterable[float | None]) -> float | None:
+    found = list(values)
+    return None if None in found else max((v for v in found if v is not None), default=None)
+
+
+def _total(values: Iterable[int | None]) -> int | None:
+    found = list(values)
+    return None if None in found else sum(v for v in found if v is not None)

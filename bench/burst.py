@@ -73,6 +73,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # type: ignore[import-not-found]
+    LAG,
     PROCS,
     LocalServer,
     WorkerRun,
@@ -83,12 +84,15 @@ from _common import (  # type: ignore[import-not-found]
     fill_jobs,
     machine,
     med,
+    metrics_port,
     note,
     percentile,
     proc_status,
     ratio,
+    scrape_buckets,
     serve_env,
     sleep_until,
+    stall_bound,
     summary,
     wait_spread,
 )
@@ -103,7 +107,6 @@ SERVICES = ("service", "service_k8x2")
 SHARDED = {"service_k8x2": (2, 8)}  # instances, shards
 PERIOD = 20  # seconds between slots
 CRON = "*/20 * * * * *"
-LAG = "nats_cron_loop_lag_seconds"
 STATUS = "nats-cron.status"
 TARGETS = {
     "drain_service_vs_apscheduler": 0.6,
@@ -207,51 +210,6 @@ class ApiProber:
         if self.failures:
             result["failures"] = self.failures
         return result
-
-
-async def scrape_buckets(port: int, name: str, timeout: float = 10.0) -> dict[float, float] | None:
-    """The cumulative buckets (`le` -> count) of one histogram of the service's /metrics."""
-    body = await _scrape(port, timeout)
-    if body is None:
-        return None
-    pattern = rb"^" + re.escape(name.encode()) + rb'_bucket\{le="([^"]+)"\} (\S+)$'
-    return {
-        float(le.decode()): float(count) for le, count in re.findall(pattern, body, re.MULTILINE)
-    }
-
-
-def stall_bound(before: dict[float, float] | None, after: dict[float, float] | None) -> Any:
-    """The upper bound of the highest histogram bucket whose (per-bucket) count grew."""
-    if not before or not after:
-        return None
-    bounds = sorted(after)
-    grew = None
-    for i, bound in enumerate(bounds):
-        below = bounds[i - 1] if i else None
-        now = after[bound] - (after[below] if below is not None else 0)
-        then = before.get(bound, 0) - (before.get(below, 0) if below is not None else 0)
-        if now > then:
-            grew = bound
-    if grew == float("inf"):
-        return 2 * bounds[-2]  # above the highest finite bound (reported as twice it)
-    return grew
-
-
-async def _scrape(port: int, timeout: float) -> bytes | None:
-    """The service's /metrics (served on its own event loop: a stalled loop answers late)."""
-
-    async def get() -> bytes:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        await writer.drain()
-        body = await reader.read()
-        writer.close()
-        return body
-
-    try:
-        return await asyncio.wait_for(get(), timeout)
-    except (OSError, TimeoutError):
-        return None
 
 
 async def measure_slot(
@@ -390,8 +348,7 @@ async def service_trial(
         await asyncio.gather(*(p.await_log("leading: firing", timeout=60) for p in procs))
         ports = []
         for p in procs:
-            line = await p.await_log("metrics and health on", timeout=10)
-            ports.append(int(re.search(r":(\d+)/metrics", line["msg"]).group(1)))  # type: ignore[union-attr]
+            ports.append(metrics_port(await p.await_log("metrics and health on", timeout=10)))
         if instances > 1:
             await wait_spread(nc, shards, instances)
         docs = [

@@ -61,6 +61,8 @@ KEEP = (
     "cpu",
     "cpu_s_per_s",
     "kv_writes_per_fire",
+    "loop_stall_s",
+    "loop_lag_samples_over_10ms",
     "rss_mb",
     "error",
     "function_lateness",

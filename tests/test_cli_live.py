@@ -46,7 +46,7 @@ class Live:
     def __init__(self, cli: Cli, *args: str) -> None:
         self.proc = subprocess.Popen(
             [*CLI, *args],
-            env=cli.env,
+            env={**cli.env, "PYTHONFAULTHANDLER": "1"},  # a stack dump on SIGABRT
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -54,7 +54,8 @@ class Live:
         self.lines: queue.Queue[str] = queue.Queue()
         self.err: list[str] = []
         threading.Thread(target=self._pump, daemon=True).start()
-        threading.Thread(target=self._pump_err, daemon=True).start()
+        self._err_pump = threading.Thread(target=self._pump_err, daemon=True)
+        self._err_pump.start()
 
     def _pump(self) -> None:
         assert self.proc.stdout is not None
@@ -83,9 +84,17 @@ class Live:
                 return line
 
     def stop(self, sig: int) -> int:
+        """Send `sig`; its exit code. A command still running 15 s later is a hang: the
+        failure shows where each of its threads was (Python's faulthandler, on SIGABRT)."""
         self.proc.send_signal(sig)
         try:
-            return self.proc.wait(10)
+            return self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)
+            self.proc.wait(10)
+            self._err_pump.join(5)  # ends with the process's stderr
+            dump = "".join(self.err)
+            raise AssertionError(f"still running 15 s after {sig!r}:\n{dump}") from None
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()

@@ -136,7 +136,6 @@ class RunStates:
         self._states: dict[str, RunState] = {}
         self._feed: Feed | None = None
         self._refreshed = float("-inf")  # loop time of the last full refresh
-        self._skipped = 0
         #: Records of these job subjects are not applied (this instance writes them itself).
         self.ignore: Callable[[str], bool] = lambda subject: False
 
@@ -191,22 +190,10 @@ class RunStates:
         """Follow the history stream (the last record per job, then every new one)."""
         if self._feed is not None or self._history is None:
             return
-        loaded = asyncio.get_running_loop().create_future()
 
         def handle(entry: KeyValue.Entry | None) -> None:
-            if entry is None:
-                if not loaded.done():
-                    loaded.set_result(None)
-                return
-            if self.ignore(entry.key):
-                return
-            try:
-                record = json.loads(entry.value or b"")
-            except ValueError:
-                self._skipped += 1
-                return
-            if isinstance(record, dict):
-                self.apply(record)
+            if entry is not None and not self.ignore(entry.key):
+                self._apply_data(entry.value)
 
         history = self._history
         feed = self._feed = Feed(nc, history.stream, history.prefix + ".", handler=handle)
@@ -241,14 +228,12 @@ class RunStates:
                 msg = await js.get_msg(
                     self._history.stream, subject=self._history.subject(subject), direct=True
                 )
-                record = json.loads(msg.data or b"")
-            except (nats.js.errors.NotFoundError, ValueError):
+            except nats.js.errors.NotFoundError:
                 continue
             except (nats.errors.Error, TimeoutError) as exc:
                 logger.debug("reading the run state of {}: {}", subject, exc)
                 continue
-            if isinstance(record, dict):
-                self.apply(record)
+            self._apply_data(msg.data)
 
     async def load(self, nc: Client, only: Callable[[str], bool], timeout: float) -> bool:
         """Read the last record of every job from the stream and apply those of the jobs
@@ -262,14 +247,8 @@ class RunStates:
                 if not loaded.done():
                     loaded.set_result(None)
                 return
-            if not only(entry.key):
-                return
-            try:
-                record = json.loads(entry.value or b"")
-            except ValueError:
-                return
-            if isinstance(record, dict):
-                self.apply(record)
+            if only(entry.key):
+                self._apply_data(entry.value)
 
         history = self._history
         feed = Feed(nc, history.stream, history.prefix + ".", handler=handle)
@@ -283,6 +262,16 @@ class RunStates:
         finally:
             with contextlib.suppress(nats.errors.Error, OSError):
                 await feed.stop()
+
+    def _apply_data(self, data: bytes | None) -> None:
+        """Apply one encoded run record (the last of its job); one that is not a JSON
+        object is passed over."""
+        try:
+            record = json.loads(data or b"")
+        except ValueError:
+            return
+        if isinstance(record, dict):
+            self.apply(record)
 
     async def pause(self) -> None:
         """Stop following (this instance leads: it knows the newest state itself). A later

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from nats_apscheduler.server import NatsCron
 from nats_apscheduler.settings import Connection, Settings
 from tests.helpers.cli_run import Cli, cli_env
 from tests.helpers.cluster import ServeProcess
+from tests.helpers.waiting import eventually
 from tests.test_fire import make_job
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "examples"
@@ -132,13 +133,6 @@ class Worker:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
-        await asyncio.sleep(0.05)
 
 
 def job(

@@ -30,6 +30,7 @@ from nats_apscheduler.embedded import EmbeddedNatsServer
 from nats_apscheduler.spec import parse_job
 from tests.helpers.cli_run import service_env
 from tests.helpers.cluster import FireRecorder, ServeProcess
+from tests.helpers.waiting import eventually
 from tests.helpers.web import LISTENING, Http, repo_root, start_serve
 
 TOKEN = "s3cr3t-Tok3n-for-tests"
@@ -78,18 +79,6 @@ async def nc(server: EmbeddedNatsServer) -> AsyncIterator[Client]:
 
 def job(subject: str, **schedule: Any) -> dict[str, Any]:
     return {"target": {"subject": subject}, "schedule": schedule or {"every": "1h"}}
-
-
-async def eventually(check: Any, timeout: float = 10.0, what: str = "") -> Any:
-    """Await `check()` until it returns something truthy, within `timeout`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        assert loop.time() < deadline, f"not within {timeout}s: {what}"
-        await asyncio.sleep(0.05)
 
 
 # --- reads ------------------------------------------------------------------------------

@@ -9,9 +9,11 @@ callable, to describe the state at that moment).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 What = str | Callable[[], str]
 
@@ -27,11 +29,17 @@ async def eventually(
     *,
     step: float = 0.01,
     in_thread: bool = False,
-) -> None:
-    """Until `check()` is true, at most `timeout` seconds; `in_thread` runs a blocking
-    check (an HTTP GET) off the loop."""
+) -> Any:
+    """Until `check()` is true, at most `timeout` seconds; returns that true value. `check`
+    may be a coroutine function (a NATS request); `in_thread` runs a blocking check (an
+    HTTP GET) off the loop."""
     deadline = time.monotonic() + timeout
-    while not (await asyncio.to_thread(check) if in_thread else check()):
+    while True:
+        value = await asyncio.to_thread(check) if in_thread else check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
         assert time.monotonic() < deadline, _failed(timeout, what)
         await asyncio.sleep(step)
 

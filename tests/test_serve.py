@@ -61,7 +61,9 @@ async def ready(procs: list[ServeProcess], api: CronClient) -> ServeProcess:
             break
         assert time.monotonic() < deadline, "no leader elected"
         await asyncio.sleep(0.05)
-    return next(p for p in procs if p.instance_id == status["leader"]["instance_id"])
+    leader = next(p for p in procs if p.instance_id == status["leader"]["instance_id"])
+    await leader.await_log("won the lease")  # its log pipe may trail the lease it wrote
+    return leader
 
 
 def job(subject: str, every: str = "1s", **extra: object) -> dict[str, object]:

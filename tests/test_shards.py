@@ -111,6 +111,7 @@ async def test_shards_spread_and_a_newcomer_gets_its_share_by_clean_handovers(
     assert set((await settled(api, 4)).values()) == {3}  # 3/3/3/3
     after = time.time() + 2.5
     await recorder.wait(lambda fires: any(f.received > after for f in fires), timeout=10)
+    await procs[3].await_log("won the lease", count=3)
     assert procs[3].count("won the lease") == 3
 
     def since_joined(proc: ServeProcess, msg: str) -> int:

@@ -401,10 +401,12 @@ async def test_changes_are_logged_with_the_client_address_and_published(
         await feed.close()
     assert event["change"] == "created" and event["subject"] == "audit.one"
     assert event["requester"] == {"host": "127.0.0.1", "via": "http"}
-    line = next(
-        line
-        for line in await asyncio.to_thread(proc.find, "job created")
-        if line.get("subject") == "audit.one"
+    # The log line comes through the child's stdout pipe, which may trail the event.
+    line = await eventually(
+        lambda: next(
+            (ln for ln in proc.find("job created") if ln.get("subject") == "audit.one"), None
+        ),
+        what="a 'job created' log line for audit.one",
     )
     assert line["requester_host"] == "127.0.0.1" and line["requester_via"] == "http"
     assert line["endpoint"] == "create"

@@ -36,7 +36,8 @@ class ServeProcess:
             stderr=subprocess.PIPE,
             text=True,
         )
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._pumping = threading.Thread(target=self._pump, daemon=True)
+        self._pumping.start()
 
     def _pump(self) -> None:
         assert self.proc.stderr is not None
@@ -81,7 +82,11 @@ class ServeProcess:
             os.kill(self.proc.pid, sig)
 
     async def wait_exit(self, timeout: float = 15.0) -> int:
-        return await asyncio.to_thread(self.proc.wait, timeout)
+        """The exit code, once every line the child logged has been read (the pipe is
+        read by a thread that may trail the exit)."""
+        code = await asyncio.to_thread(self.proc.wait, timeout)
+        await asyncio.to_thread(self._pumping.join, 5)
+        return code
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -170,7 +170,9 @@ class Election:
             # A refresh in flight may have landed: delete at the key's current revision, if
             # the lease is still ours.
             revision, holder = await self._current()
-            if holder is not None and holder.get("token") == self._token:
+            # Not a lease this election holds again (won back meanwhile): deleting that
+            # one would leave it leading on a key another instance can then win.
+            if holder is not None and holder.get("token") == self._token and not self._holding:
                 headers = {KV_OP: KV_DEL, EXPECTED_LAST: str(revision)}
                 await self._js.publish(self._subject, b"", headers=headers, timeout=2)
                 logger.bind(instance_id=self.instance_id, key=self.key).info("released the lease")
@@ -283,10 +285,12 @@ class Election:
         self._note_leader(last, holder)
         if holder is not None and holder.get("token") != self._token:
             return  # someone else holds it
-        if holder is None and not self._expired and not self._eligible():
+        if not self._expired and not self._eligible():
             # Released cleanly to another instance that has less than its share. (An
             # expired lease, its holder dead or cut off, is taken by whoever is first: its
-            # shard must not wait until the others see that instance gone.)
+            # shard must not wait until the others see that instance gone.) Our own token
+            # still on the key is no claim either: a release whose delete has not landed
+            # yet, which we must not take back.
             return
         sent = self._clock()
         self.since = _now()

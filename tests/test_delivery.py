@@ -729,4 +729,5 @@ async def test_a_retry_survives_a_leader_killed_between_attempts(
     assert (letter.headers or {})["Nats-Cron-Attempt"] == "3"
     # Every attempt reached the worker (at least once each).
     assert {r["attempt"] for r in worker.requests(subject)} == {1, 2, 3}
+    await survivor.await_log("leading: firing")
     assert survivor.find("leading: firing")[-1].get("retries") == 1

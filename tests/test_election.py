@@ -265,6 +265,70 @@ async def test_release_during_a_follower_campaign_is_not_missed(
     assert took < 0.5, f"the release was missed: b waited {took:.2f}s (its safety net)"
 
 
+async def test_a_release_is_not_taken_back_before_its_delete_lands(
+    make: MakeCandidate, board: Board
+) -> None:
+    """A shard handed over to balance the load: the releasing instance is at its fair
+    share, and its own campaign (every TTL/3) may read the lease before the delete lands,
+    still holding its own token. It must not take that lease back. It did (the likely
+    cause of a shard handed over twice in a loaded CI run), and the delete that followed
+    then removed the lease it led on, so that two instances could lead one shard."""
+    allowed = [True]
+    a = await make("a", eligible=lambda: allowed[0])
+    await board.wins_reach(1, timeout=5)
+    b = await make("b")
+    await eventually(lambda: b.election.leader is not None, 3, "b sees the leader")
+    campaigned = asyncio.Event()
+    campaign, delete = a.election._campaign, a.election._delete_if_ours
+
+    async def noted_campaign() -> None:
+        await campaign()
+        campaigned.set()
+
+    async def late_delete() -> bool:
+        await asyncio.wait_for(campaigned.wait(), 3)  # a campaigned before the delete lands
+        return await delete()
+
+    a.election._campaign = noted_campaign  # type: ignore[method-assign]
+    a.election._delete_if_ours = late_delete  # type: ignore[method-assign]
+    allowed[0] = False  # the share a keeps after handing this lease over
+    released = time.monotonic()
+    assert await a.election.release()
+    win = await board.wins_reach(2, timeout=TTL + 2)
+    assert win.candidate is b, [(w.candidate.name, w.epoch) for w in board.wins]
+    assert a.won == [board.wins[0].epoch] and a.lost == ["released"]
+    assert win.at - released < 0.5 + TTL / 3  # a clean handover: no wait for the TTL
+
+
+async def test_a_lease_won_back_before_the_release_deletes_it_stays(
+    make: MakeCandidate, board: Board
+) -> None:
+    """The same race where the releasing instance may lead again (its share grew): it wins
+    its own lease back before the release's delete runs. That delete must leave the lease
+    alone; removing it would let another instance win while this one still leads."""
+    a = await make("a")
+    await board.wins_reach(1, timeout=5)
+    b = await make("b")
+    await eventually(lambda: b.election.leader is not None, 3, "b sees the leader")
+    won_back = asyncio.Event()
+    delete = a.election._delete_if_ours
+
+    async def late_delete() -> bool:
+        await asyncio.wait_for(won_back.wait(), 3)
+        return await delete()
+
+    a.election._delete_if_ours = late_delete  # type: ignore[method-assign]
+    releasing = asyncio.create_task(a.election.release())
+    await board.wins_reach(2, timeout=TTL + 2)
+    won_back.set()
+    assert not await releasing
+    assert [w.candidate.name for w in board.wins] == ["a", "a"]
+    epoch = board.wins[1].epoch
+    # a keeps that lease: three refreshes land (a deleted key fails the next one).
+    await eventually(lambda: a.election._revision >= epoch + 3, 3 * TTL, "a refreshes")
+    assert a.lost == ["released"] and b.won == [] and a.election.is_leader_now()
+
+
 @pytest.mark.parametrize("how", ["close-connection", "stop-without-release"])
 async def test_dead_leader_replaced_after_ttl(make: MakeCandidate, board: Board, how: str) -> None:
     cands = [await make("a"), await make("b")]

@@ -97,6 +97,7 @@ class ServeProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._pumping.join(5)  # every line logged before the exit is in `lines`
 
 
 @dataclass

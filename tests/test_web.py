@@ -401,7 +401,7 @@ async def test_changes_are_logged_with_the_client_address_and_published(
         await feed.close()
     assert event["change"] == "created" and event["subject"] == "audit.one"
     assert event["requester"] == {"host": "127.0.0.1", "via": "http"}
-    # The log line comes through the child's stdout pipe, which may trail the event.
+    # The log line comes through the child's stderr pipe, which may trail the event.
     line = await eventually(
         lambda: next(
             (ln for ln in proc.find("job created") if ln.get("subject") == "audit.one"), None

@@ -119,6 +119,29 @@ def leaders(candidates: list[Candidate]) -> list[str]:
     return [c.name for c in candidates if c.election.is_leader_now()]
 
 
+async def leader_and_follower(
+    make: MakeCandidate, board: Board, **leader_kw: object
+) -> tuple[Candidate, Candidate]:
+    """`a` leads; `b` follows and has seen a's lease."""
+    a = await make("a", **leader_kw)
+    await board.wins_reach(1, timeout=5)
+    b = await make("b")
+    await eventually(lambda: b.election.leader is not None, 3, "b sees the leader")
+    return a, b
+
+
+def hold_delete(candidate: Candidate, until: asyncio.Event) -> None:
+    """The candidate's next release deletes the lease only once `until` is set (3 s at
+    most): a delete still on its way to the server."""
+    delete = candidate.election._delete_if_ours
+
+    async def late_delete() -> bool:
+        await asyncio.wait_for(until.wait(), 3)
+        return await delete()
+
+    candidate.election._delete_if_ours = late_delete  # type: ignore[method-assign]
+
+
 async def test_exactly_one_of_three_wins(make: MakeCandidate, board: Board) -> None:
     cands = [await make(name, start=False) for name in ("a", "b", "c")]
     # They campaign at the same moment: the create-if-absent lets exactly one through.
@@ -204,10 +227,7 @@ async def test_stop_during_a_refresh_still_releases(make: MakeCandidate, board: 
     """SIGTERM can arrive while a refresh is in flight: the server has stored it, its ack
     is not processed yet. The release must still delete the lease (it is ours), not fail
     on a stale expected revision and leave the followers waiting for the TTL."""
-    a = await make("a")
-    await board.wins_reach(1, timeout=5)
-    b = await make("b")
-    await eventually(lambda: b.election.leader is not None, 3, "b sees the leader")
+    a, b = await leader_and_follower(make, board)
     stored = asyncio.Event()
     put = a.election._put
 
@@ -274,23 +294,16 @@ async def test_a_release_is_not_taken_back_before_its_delete_lands(
     cause of a shard handed over twice in a loaded CI run), and the delete that followed
     then removed the lease it led on, so that two instances could lead one shard."""
     allowed = [True]
-    a = await make("a", eligible=lambda: allowed[0])
-    await board.wins_reach(1, timeout=5)
-    b = await make("b")
-    await eventually(lambda: b.election.leader is not None, 3, "b sees the leader")
+    a, b = await leader_and_follower(make, board, eligible=lambda: allowed[0])
     campaigned = asyncio.Event()
-    campaign, delete = a.election._campaign, a.election._delete_if_ours
+    campaign = a.election._campaign
 
     async def noted_campaign() -> None:
         await campaign()
         campaigned.set()
 
-    async def late_delete() -> bool:
-        await asyncio.wait_for(campaigned.wait(), 3)  # a campaigned before the delete lands
-        return await delete()
-
     a.election._campaign = noted_campaign  # type: ignore[method-assign]
-    a.election._delete_if_ours = late_delete  # type: ignore[method-assign]
+    hold_delete(a, until=campaigned)  # a campaigns before the delete lands
     allowed[0] = False  # the share a keeps after handing this lease over
     released = time.monotonic()
     assert await a.election.release()
@@ -306,18 +319,9 @@ async def test_a_lease_won_back_before_the_release_deletes_it_stays(
     """The same race where the releasing instance may lead again (its share grew): it wins
     its own lease back before the release's delete runs. That delete must leave the lease
     alone; removing it would let another instance win while this one still leads."""
-    a = await make("a")
-    await board.wins_reach(1, timeout=5)
-    b = await make("b")
-    await eventually(lambda: b.election.leader is not None, 3, "b sees the leader")
+    a, b = await leader_and_follower(make, board)
     won_back = asyncio.Event()
-    delete = a.election._delete_if_ours
-
-    async def late_delete() -> bool:
-        await asyncio.wait_for(won_back.wait(), 3)
-        return await delete()
-
-    a.election._delete_if_ours = late_delete  # type: ignore[method-assign]
+    hold_delete(a, until=won_back)
     releasing = asyncio.create_task(a.election.release())
     await board.wins_reach(2, timeout=TTL + 2)
     won_back.set()
@@ -357,10 +361,7 @@ async def test_dead_leader_replaced_after_ttl(make: MakeCandidate, board: Board,
 
 
 async def test_connection_lost_fences_at_once(make: MakeCandidate, board: Board) -> None:
-    a = await make("a")
-    await board.wins_reach(1, timeout=5)
-    b = await make("b")
-    await eventually(lambda: b.election.leader is not None, 3, "b sees the leader")
+    a, b = await leader_and_follower(make, board)
     assert a.election.is_leader_now()
     a.election.connection_lost()
     # Synchronous: no await between the call and these checks.
